@@ -1,0 +1,124 @@
+"""Data-root paths over fsspec: local folders and object stores (s3://, gs://, memory://) alike."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.core import url_to_fs
+
+TMP_MARK = ".tmp-"
+DIGEST_CHUNK = 1 << 20
+
+
+@dataclass
+class DataRoot:
+    """A data root: `<root>/<stage>/<shard_id>.<ext>` plus manifests beside the shards."""
+
+    uri: str
+    fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if "://" not in self.uri:
+            self.uri = os.path.abspath(self.uri)
+        self.fs, self.path = url_to_fs(self.uri)
+        self.path = self.path.rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def join(self, *parts: str) -> str:
+        """Filesystem path (no protocol) of `parts` under the root."""
+        return posixpath.join(self.path, *parts)
+
+    def url(self, path: str) -> str:
+        """Full URL of a filesystem path (what users and DuckDB see)."""
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    def rel(self, path: str) -> str:
+        """Path relative to the root, used in manifests so a root can be moved."""
+        p = self.fs._strip_protocol(path)
+        return posixpath.relpath(p, self.path) if p.startswith(self.path) else path
+
+    def stage_dir(self, stage: str) -> str:
+        return self.join(stage)
+
+    def artifact(self, stage: str, shard_id: str, suffix: str) -> str:
+        return self.join(stage, f"{shard_id}.{suffix}")
+
+    def manifest_path(self, stage: str, shard_id: str) -> str:
+        return self.artifact(stage, shard_id, "manifest.json")
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def tmp_name(self, path: str) -> str:
+        """A sibling temporary name; renamed over `path` once complete."""
+        return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+    def commit(self, tmp: str, final: str) -> None:
+        """Atomically (on local and POSIX filesystems) move a finished temp file into place."""
+        if self.is_local:
+            os.replace(tmp, final)
+        else:  # object stores: copy-then-delete is the best they offer; manifests still go last
+            self.fs.mv(tmp, final)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        self.makedirs(posixpath.dirname(path))
+        tmp = self.tmp_name(path)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.commit(tmp, path)
+
+    def clean_tmp(self, stage: str) -> int:
+        """Remove temp files left by a killed run; returns how many."""
+        d = self.stage_dir(stage)
+        if not self.fs.exists(d):
+            return 0
+        stale = [p for p in self.fs.find(d) if TMP_MARK in posixpath.basename(p)]
+        for p in stale:
+            self.fs.rm(p, recursive=True)
+        return len(stale)
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(self.fs.glob(self.join(pattern)))
+
+    def stages(self) -> Iterator[str]:
+        if not self.fs.exists(self.path):
+            return
+        for p in sorted(self.fs.ls(self.path, detail=False)):
+            if self.fs.isdir(p):
+                yield posixpath.basename(p.rstrip("/"))
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """sha256 of a file's (or a folder's files') bytes."""
+    h = hashlib.sha256()
+    paths = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    for p in paths:
+        if fs.isdir(path):
+            h.update(posixpath.relpath(p, path).encode())
+        with fs.open(p, "rb") as f:
+            while chunk := f.read(DIGEST_CHUNK):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def open_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path for any URL or local path."""
+    return url_to_fs(url if "://" in url else os.path.abspath(url))
