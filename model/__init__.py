@@ -1,0 +1,1 @@
+"""Plain-PyTorch models: the VQGAN image tokenizer, the CM3 document format and text tokenizers."""

@@ -1,0 +1,63 @@
+"""The CM3 document format: ids <-> (caption, image) round trips and malformed input."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, DocumentError, Vocab
+
+V = Vocab(n_text=100, n_image=64, n_sentinels=4)
+
+
+def test_layout():
+    assert V.text_offset == 10 and V.image_offset == 110 and V.size == 174
+    assert V.mask(0) == 6 and V.mask(3) == 9
+    with pytest.raises(ValueError):
+        V.mask(4)
+
+
+def test_full_document_ids():
+    ids = V.encode([0, 5], [1, 63])
+    assert ids == [IMG_OPEN, 10, 15, IMG_SRC, 111, 173, IMG_CLOSE, EOS]
+    assert V.decode(ids) == ([0, 5], [1, 63])
+
+
+@given(st.lists(st.integers(0, 99), max_size=20), st.lists(st.integers(0, 63), max_size=70))
+def test_round_trip(caption, image):
+    if not caption and not image:
+        return
+    ids = V.encode(caption, image)
+    assert V.decode(ids) == (caption, image)
+    mod = V.modality(np.array(ids))
+    assert (mod == 1).sum() == len(caption) and (mod == 2).sum() == len(image)
+
+
+def test_text_only_and_image_only():
+    assert V.encode([3, 4], None) == [IMG_OPEN, 13, 14, IMG_SRC, IMG_CLOSE, EOS]
+    assert V.decode(V.encode([3, 4], None)) == ([3, 4], [])
+    assert V.encode(None, [2]) == [IMG_OPEN, IMG_SRC, 112, IMG_CLOSE, EOS]
+    assert V.decode(V.encode(None, [2])) == ([], [2])
+
+
+def test_refuses_bad_input():
+    with pytest.raises(DocumentError, match="neither"):
+        V.encode(None, [])
+    with pytest.raises(DocumentError, match="codebook"):
+        V.encode([1], [64])
+    with pytest.raises(DocumentError, match="text vocabulary"):
+        V.encode([100], [1])
+    with pytest.raises(DocumentError):
+        V.decode([IMG_OPEN, 10, IMG_CLOSE, EOS])  # no src marker
+    with pytest.raises(DocumentError):
+        V.decode([IMG_OPEN, 111, IMG_SRC, 10, IMG_CLOSE, EOS])  # modalities swapped
+
+
+def test_modality_keeps_shape():
+    ids = np.array([[0, 6, 10, 109], [110, 173, 1, 2]])
+    assert V.modality(ids).tolist() == [[0, 0, 1, 1], [2, 2, 0, 0]]
+
+
+def test_fingerprint_tracks_layout():
+    assert V.fingerprint() == Vocab(100, 64, 4).fingerprint()
+    assert V.fingerprint() != Vocab(100, 65, 4).fingerprint()
