@@ -1,0 +1,145 @@
+"""The CM3 generator: a decoder-only Transformer with per-document rotary positions and a KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One (k, v) pair per layer, each (B, H, S, Dh); S grows as tokens are fed.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Size of the decoder; `vocab_size` comes from the Vocab at build time."""
+
+    vocab_size: int = 512  # ids in the shared text+image+special vocabulary
+    n_layer: int = 4  # decoder blocks
+    n_head: int = 4  # attention heads
+    d_model: int = 128  # residual width
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    max_seq_len: int = 512  # longest packed sequence (positions restart per document)
+    dropout: float = 0.0  # on attention output and MLP output
+    rope_base: float = 10000.0  # rotary frequency base
+    tie_embeddings: bool = True  # share the input embedding and the output projection
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ValueError(f"d_model {self.d_model} must split into {self.n_head} heads of even size")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets are data: `demo` trains on 2 CPU cores in minutes (~1M parameters, DEMO-CALIBRATION.md);
+# `paper` is the 2.7B decoder of RA-CM3 §4.1 (OPT-2.7B shape) with sequence length 4096.
+PRESETS: dict[str, TransformerConfig] = {
+    "demo": TransformerConfig(n_layer=4, n_head=4, d_model=128, max_seq_len=1024),
+    "paper": TransformerConfig(n_layer=32, n_head=32, d_model=2560, max_seq_len=4096),
+}
+
+
+def preset(name: str, vocab_size: int, **overrides) -> TransformerConfig:
+    """A preset config sized for `vocab_size`, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], vocab_size=vocab_size, **overrides)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate pairs of channels of x (B, H, T, Dh) by angles set by positions (B, T)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None, :, None] * inv_freq  # (B, 1, T, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head, self.base, self.dropout = cfg.n_head, cfg.rope_base, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, positions, self.base), rotary(k, positions, self.base)  # (B, H, T, Dh)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        S = k.shape[2]
+        drop = self.dropout if self.training else 0.0
+        if S == T:  # no cache: plain causal attention over the packed sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:  # new tokens see the whole cache plus the new tokens before them
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past=None):
+        a, kv = self.attn(self.ln1(x), positions, past)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln2(x))), kv
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: forward(ids, positions, cache) -> (logits, cache)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """ids, positions (B, T) -> logits (B, T, V) and the cache extended by these T tokens."""
+        x = self.embed(ids)  # (B, T, C)
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, positions, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.head(self.ln_f(x)), new_cache
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
