@@ -1,0 +1,64 @@
+"""Held-out text and image perplexity of a trained decoder, with or without retrieved documents.
+
+No leakage (DESIGN.md): image perplexity is scored with documents retrieved by the caption,
+caption perplexity with documents retrieved by the image; the caller supplies both lists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.document import Vocab
+from model.transformer import Transformer
+
+TEXT, IMAGE = 1, 2
+
+
+@dataclass
+class HeldOutExample:
+    """One held-out main document and the documents retrieved for scoring each of its parts."""
+
+    main: Sequence[int]  # encoded document ids (Vocab.encode)
+    by_caption: list[Sequence[int]] = field(default_factory=list)  # retrieved with the caption
+    by_image: list[Sequence[int]] = field(default_factory=list)  # retrieved with the image
+
+
+def scored_nll(model: Transformer, docs: list[Sequence[int]], vocab: Vocab,
+               modality: int) -> tuple[float, int]:
+    """Summed NLL of the last document's tokens of one modality, given the documents before it."""
+    ids = torch.tensor(np.concatenate([np.asarray(d) for d in docs]), dtype=torch.long)[None]
+    pos = torch.tensor(np.concatenate([np.arange(len(d)) for d in docs]))[None]
+    device = next(model.parameters()).device
+    logits, _ = model(ids[:, :-1].to(device), pos[:, :-1].to(device))  # (1, T-1, V)
+    nll = F.cross_entropy(logits[0].float(), ids[0, 1:].to(device), reduction="none")  # (T-1,)
+    start = len(ids[0]) - len(docs[-1])
+    sel = np.zeros(len(ids[0]), dtype=bool)
+    sel[start:] = vocab.modality(np.asarray(docs[-1])) == modality
+    sel_t = torch.from_numpy(sel[1:]).to(device)
+    return float(nll[sel_t].sum()), int(sel_t.sum())
+
+
+@torch.no_grad()
+def heldout_perplexity(model: Transformer, vocab: Vocab, examples: Sequence[HeldOutExample],
+                       with_retrieval: bool = True, k: int = 2) -> dict[str, float]:
+    """{"image_ppl", "text_ppl", "image_tokens", "text_tokens"} over the examples.
+
+    With retrieval, up to k retrieved documents precede the main one, as in training (m1..mK, x).
+    """
+    model.eval()
+    totals = {IMAGE: [0.0, 0], TEXT: [0.0, 0]}
+    for ex in examples:
+        for modality, retrieved in ((IMAGE, ex.by_caption), (TEXT, ex.by_image)):
+            context = list(retrieved[:k]) if with_retrieval else []
+            nll, n = scored_nll(model, [*context, ex.main], vocab, modality)
+            totals[modality][0] += nll
+            totals[modality][1] += n
+    (i_nll, i_n), (t_nll, t_n) = totals[IMAGE], totals[TEXT]
+    return {"image_ppl": math.exp(i_nll / max(i_n, 1)), "text_ppl": math.exp(t_nll / max(t_n, 1)),
+            "image_tokens": i_n, "text_tokens": t_n}
