@@ -1,0 +1,238 @@
+"""Mixed-modal CLIP document encoder (paper §3.2, Fig 1b) on open_clip, with seeded query dropout."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "clip_configs"
+_registered = False
+
+
+def register_configs() -> None:
+    """Add the project's open_clip model configs (e.g. `racm3-tiny`) to open_clip's registry."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def check_model_name(name: str) -> None:
+    register_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model config {name!r}: use one of open_clip.list_models() "
+            f"(e.g. ViT-L-14, racm3-tiny) or add a JSON config under {CONFIG_DIR}"
+        )
+
+
+def encoder_fingerprint(model_name: str, checkpoint_digest: str) -> str:
+    """Identity of an encoder: model config name + checkpoint content digest."""
+    return f"{model_name}@{checkpoint_digest.removeprefix('sha256:')[:16]}"
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed that is the same on every machine and process (unlike hash())."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def mix(text: np.ndarray, image: np.ndarray, has_text: np.ndarray,
+        has_image: np.ndarray) -> np.ndarray:
+    """Document embedding: normalize(mean of the present normalized parts), Fig 1b.
+
+    text, image: (N, D), rows of a missing part are ignored; has_*: (N,) bool. A one-part
+    document gets its one part; a row with no part gets zeros (callers drop those).
+    """
+    t = l2_normalize(text) * has_text[:, None]
+    i = l2_normalize(image) * has_image[:, None]
+    count = np.maximum(has_text.astype(np.float32) + has_image, 1.0)[:, None]
+    out = l2_normalize((t + i) / count)
+    return np.where((has_text | has_image)[:, None], out, 0.0).astype(np.float32)
+
+
+def decode_image(data: bytes | None) -> Image.Image | None:
+    """RGB image from encoded bytes, or None when the bytes are missing or undecodable."""
+    if not data:
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+class SeededPatchDrop(nn.Module):
+    """Keeps the patch tokens listed in `keep` (B, n_keep) and the class token; identity when None.
+
+    Replaces open_clip's random PatchDropout so a query-dropout variant is reproducible.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1 + P, W)
+        if self.keep is None:
+            return x
+        cls, patches = x[:, :1], x[:, 1:]
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        return torch.cat([cls, patches[rows, self.keep.to(x.device)]], dim=1)  # (B, 1 + K, W)
+
+
+def keep_indices(n: int, drop: float, seed: int) -> np.ndarray:
+    """Sorted indices of the n - round(drop * n) items kept (at least one dropped when drop > 0)."""
+    n_drop = int(round(drop * n))
+    if drop > 0 and n >= 2:
+        n_drop = min(max(n_drop, 1), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_drop:])
+
+
+def create_clip(model_name: str, checkpoint: str | None = None,
+                device: str = "cpu") -> tuple[nn.Module, Any, Any, Any]:
+    """(model, train transform, eval transform, tokenizer); random init when no checkpoint."""
+    check_model_name(model_name)
+    if checkpoint is not None and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"CLIP checkpoint {checkpoint} not found: supply an open_clip state-dict file for model "
+            f"{model_name!r} (paper preset: the ViT-L-14 open_clip_pytorch_model.bin; demo: run "
+            f"`racm3 run fit-clip` first), or point the config's `checkpoint` at it"
+        )
+    try:
+        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
+            model_name, pretrained=checkpoint, device=device, weights_only=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit model config {model_name!r}: {e}") from e
+    return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)
+
+
+@dataclass
+class EncoderInfo:
+    """What identifies an encoder in manifests: config name, checkpoint and fingerprint."""
+
+    model: str
+    checkpoint: str
+    fingerprint: str
+    dim: int
+
+
+class DocEncoder:
+    """Encodes captions, images and mixed documents into L2-normalised CLIP embeddings."""
+
+    def __init__(self, model: nn.Module, preprocess: Any, tokenizer: Any, info: EncoderInfo,
+                 device: str = "cpu", batch_size: int = 64):
+        self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
+        self.info, self.device, self.batch_size = info, device, batch_size
+        self._patch_drop = self._install_patch_drop()
+
+    @classmethod
+    def load(cls, model_name: str, checkpoint: str, fingerprint: str = "", device: str = "cpu",
+             batch_size: int = 64) -> DocEncoder:
+        device = resolve_device(device)
+        model, _, eval_tf, tok = create_clip(model_name, checkpoint, device)
+        dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+        info = EncoderInfo(model_name, checkpoint, fingerprint, dim)
+        log.info("loaded CLIP %s from %s on %s (dim %d)", model_name, checkpoint, device, info.dim)
+        return cls(model, eval_tf, tok, info, device, batch_size)
+
+    def _install_patch_drop(self) -> SeededPatchDrop | None:
+        visual = getattr(self.model, "visual", None)
+        if visual is None or not hasattr(visual, "patch_dropout"):
+            return None  # not an open_clip ViT: image query dropout is unavailable
+        visual.patch_dropout = SeededPatchDrop()
+        return visual.patch_dropout
+
+    @property
+    def n_patches(self) -> int:
+        gh, gw = self.model.visual.grid_size
+        return gh * gw
+
+    def tokenize(self, captions: list[str], drop: float = 0.0,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+        """(N, context) token ids; with drop > 0, that fraction of each caption's tokens removed."""
+        tokens = self.tokenizer(captions)  # (N, C): [sot, t1..tn, eot, 0...]
+        if drop <= 0:
+            return tokens
+        assert seeds is not None and len(seeds) == len(captions), "one seed per caption"
+        out = torch.zeros_like(tokens)
+        for r, seed in enumerate(seeds):
+            row = tokens[r]
+            eot = int(row.argmax())  # eot has the largest id in open_clip's BPE vocab
+            body = row[1:eot]
+            kept = body[torch.from_numpy(keep_indices(len(body), drop, seed))]
+            seq = torch.cat([row[:1], kept, row[eot:eot + 1]])
+            out[r, : len(seq)] = seq
+        return out
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], drop: float = 0.0,
+                    seeds: list[int] | None = None) -> np.ndarray:
+        """(N, D) float32, L2-normalised."""
+        outs = []
+        for s in range(0, len(captions), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            toks = self.tokenize(captions[sl], drop, seeds[sl] if seeds else None)
+            outs.append(self.model.encode_text(toks.to(self.device), normalize=True).float().cpu())
+        return torch.cat(outs).numpy() if outs else np.zeros((0, self.info.dim), np.float32)
+
+    @torch.no_grad()
+    def encode_image(self, images: list[Image.Image], drop: float = 0.0,
+                     seeds: list[int] | None = None) -> np.ndarray:
+        """(N, D) float32, L2-normalised; with drop > 0 that fraction of ViT patches is dropped."""
+        if drop > 0 and self._patch_drop is None:
+            raise ValueError(f"image query dropout needs an open_clip ViT; {self.info.model} is not")
+        outs = []
+        for s in range(0, len(images), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            batch = torch.stack([self.preprocess(im) for im in images[sl]]).to(self.device)
+            if drop > 0:
+                keep = [keep_indices(self.n_patches, drop, sd) for sd in seeds[sl]]  # type: ignore[index]
+                self._patch_drop.keep = torch.from_numpy(np.stack(keep))  # type: ignore[union-attr]
+            try:
+                outs.append(self.model.encode_image(batch, normalize=True).float().cpu())
+            finally:
+                if self._patch_drop is not None:
+                    self._patch_drop.keep = None
+        return torch.cat(outs).numpy() if outs else np.zeros((0, self.info.dim), np.float32)
+
+    def encode_docs(self, captions: list[str | None],
+                    images: list[Image.Image | None]) -> dict[str, np.ndarray]:
+        """text_emb, image_emb (zeros where the part is missing), doc_emb, has_text, has_image."""
+        n = len(captions)
+        has_text = np.array([bool(c and c.strip()) for c in captions], dtype=bool)
+        has_image = np.array([im is not None for im in images], dtype=bool)
+        text = np.zeros((n, self.info.dim), np.float32)
+        image = np.zeros((n, self.info.dim), np.float32)
+        if has_text.any():
+            text[has_text] = self.encode_text([c for c, h in zip(captions, has_text, strict=True) if h])  # type: ignore[misc]
+        if has_image.any():
+            image[has_image] = self.encode_image([im for im in images if im is not None])
+        return {"text_emb": text, "image_emb": image, "doc_emb": mix(text, image, has_text, has_image),
+                "has_text": has_text, "has_image": has_image}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
