@@ -11,6 +11,7 @@ from pipelines.config import ConfigError, build, load_raw
 STAGES: dict[str, str] = {
     "filter": "pipelines.filter:FilterStage",
     "download": "pipelines.download:DownloadStage",
+    "train": "pipelines.train:TrainStage",
 }
 
 # Config sections: section name -> dataclass.
@@ -20,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "demo": "pipelines.demo_data:DemoDataConfig",
     "filter": "pipelines.filter:FilterConfig",
     "download": "pipelines.download:DownloadConfig",
+    "train": "pipelines.train:TrainConfig",
 }
 
 
