@@ -11,6 +11,8 @@ from pipelines.config import ConfigError, build, load_raw
 STAGES: dict[str, str] = {
     "filter": "pipelines.filter:FilterStage",
     "download": "pipelines.download:DownloadStage",
+    "fit-vqgan": "pipelines.fit_vqgan:FitVQGANStage",
+    "tokenize": "pipelines.tokenize:TokenizeStage",
     "train": "pipelines.train:TrainStage",
 }
 
@@ -21,6 +23,8 @@ SECTIONS: dict[str, str] = {
     "demo": "pipelines.demo_data:DemoDataConfig",
     "filter": "pipelines.filter:FilterConfig",
     "download": "pipelines.download:DownloadConfig",
+    "fit_vqgan": "pipelines.fit_vqgan:FitVQGANConfig",
+    "tokenize": "pipelines.tokenize:TokenizeConfig",
     "train": "pipelines.train:TrainConfig",
 }
 

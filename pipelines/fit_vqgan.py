@@ -1,0 +1,261 @@
+"""fit-vqgan: fit the demo's tokenizers on the downloaded images and captions (no pretrained VQGAN offline).
+
+Two artifact shards with their own fingerprints: `vqgan` (a tiny VQGAN fitted with Lightning for a
+bounded wall time; its manifest records held-out PSNR and codebook usage) and `bpe` (a small BPE on
+the captions). Real runs skip this stage and point `tokenize.checkpoint` at a taming checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.text_tokenizer import train_bpe
+from model.vqgan import VQGAN, VQGANConfig, save_checkpoint
+from pipelines.config import StageConfig
+from pipelines.stage import ShardContext, ShardResult, ShardSpec, Stage
+from storage.fs import DataRoot
+from storage.manifest import list_manifests, upstream_ref
+from storage.schemas import SUCCESS
+
+log = logging.getLogger(__name__)
+
+VQGAN_SHARD, BPE_SHARD = "vqgan", "bpe"
+VQGAN_SUFFIX, BPE_SUFFIX = "ckpt", "json"  # -> fit-vqgan/vqgan.ckpt, fit-vqgan/bpe.json
+BPE_FIELDS = ("bpe_vocab_size",)
+
+
+@dataclass(frozen=True)
+class FitVQGANConfig(StageConfig):
+    """The tiny demo VQGAN and caption BPE; sizes follow DEMO-CALIBRATION.md (coarse 8x8 grid)."""
+
+    SECTION = "fit_vqgan"
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"threads"})
+    image_size: int = 32  # training resolution (downloads are resized to it)
+    factor: int = 4  # downsampling factor: image_size / factor tokens per side
+    codebook_size: int = 64  # codes; coarse keeps retrieved tokens predictive of new renderings
+    channels: int = 16  # base channel width (tiny: the fit has ~100 s of shared CPU)
+    embed_dim: int = 16  # codebook vector size
+    max_seconds: float = 100.0  # wall-time budget of the fit
+    max_steps: int = 4000  # step cap (whichever of time and steps comes first)
+    batch_size: int = 32  # images per step
+    lr: float = 2e-3  # Adam learning rate
+    restart_every: int = 50  # steps between re-seeding unused codes from encoder outputs
+    holdout_fraction: float = 0.05  # images kept out of training to measure PSNR and usage
+    max_images: int = 8000  # cap on images read (memory)
+    seed: int = 0
+    bpe_vocab_size: int = 512  # caption BPE size; small keeps the demo model's embedding cheap
+    threads: int = 2  # torch CPU threads
+
+    def __post_init__(self) -> None:
+        self.check(self.factor >= 1 and self.factor & (self.factor - 1) == 0, "factor",
+                   "must be a power of two")
+        self.check(self.image_size % self.factor == 0, "image_size", "must be a multiple of factor")
+        self.check(2 <= self.codebook_size <= 65536, "codebook_size", "must be in [2, 65536] (uint16 codes)")
+        self.check(self.channels % 8 == 0, "channels", "must be a multiple of 8 (GroupNorm)")
+        self.check(self.max_seconds > 0 and self.max_steps > 0, "max_seconds", "budget must be > 0")
+        self.check(0 < self.holdout_fraction < 0.5, "holdout_fraction", "must be in (0, 0.5)")
+        self.check(self.bpe_vocab_size >= 64, "bpe_vocab_size", "must be >= 64")
+
+    def vqgan(self) -> VQGANConfig:
+        levels = int(math.log2(self.factor)) + 1
+        return VQGANConfig(resolution=self.image_size, ch=self.channels,
+                           ch_mult=(1,) * (levels - 1) + (2,), num_res_blocks=1, attn_resolutions=(),
+                           z_channels=2 * self.channels, embed_dim=self.embed_dim,
+                           n_embed=self.codebook_size, norm_groups=8)
+
+
+def load_image(jpg: bytes, size: int) -> np.ndarray:
+    """JPEG bytes -> (size, size, 3) uint8, resized with antialiasing."""
+    img = Image.open(io.BytesIO(jpg)).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def is_holdout(key: str, fraction: float) -> bool:
+    """Stable split by key hash, so held-out images stay held out across re-runs and shard counts."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big")
+    return h < fraction * 2**32
+
+
+def read_downloads(ctx: ShardContext, cfg: FitVQGANConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train images, held-out images, undecodable count) from every input download shard."""
+    train, held, bad = [], [], 0
+    for i in range(len(ctx.spec.inputs)):
+        t = ctx.read_input(i, ["key", "status", "jpg"]).to_pydict()
+        for key, status, jpg in zip(t["key"], t["status"], t["jpg"], strict=True):
+            if status != SUCCESS or jpg is None or len(train) + len(held) >= cfg.max_images:
+                continue
+            try:
+                img = load_image(jpg, cfg.image_size)
+            except Exception:  # noqa: BLE001 - any undecodable image is counted and skipped
+                bad += 1
+                continue
+            (held if is_holdout(key, cfg.holdout_fraction) else train).append(img)
+    if len(train) < 2 or not held:
+        raise ValueError(f"fit-vqgan needs decodable images to train and hold out; got "
+                         f"{len(train)} train, {len(held)} held out: run `racm3 run download` first")
+    return np.stack(train), np.stack(held), bad
+
+
+def read_captions(ctx: ShardContext) -> list[str]:
+    caps = []
+    for i in range(len(ctx.spec.inputs)):
+        t = ctx.read_input(i, ["caption", "status"]).to_pydict()
+        caps += [c for c, s in zip(t["caption"], t["status"], strict=True) if s == SUCCESS and c]
+    return caps
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1], measured on the [0, 1] scale."""
+    mse = F.mse_loss((a + 1) / 2, (b + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+@torch.no_grad()
+def evaluate(model: VQGAN, images: np.ndarray, batch: int = 256) -> dict[str, Any]:
+    """Held-out reconstruction PSNR and codebook usage (fraction of codes used, perplexity)."""
+    model.eval()
+    recon, codes = [], []
+    for s in range(0, len(images), batch):
+        x = to_tensor(images[s:s + batch])
+        c = model.encode(x)  # (B, g, g)
+        recon.append(model.decode(c))
+        codes.append(c.flatten())
+    x, r, c = to_tensor(images), torch.cat(recon), torch.cat(codes)
+    p = torch.bincount(c, minlength=model.cfg.n_embed).float() / c.numel()
+    perplexity = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+    return {"heldout_psnr_db": round(psnr(x, r), 3), "heldout_images": len(images),
+            "codebook_used": int((p > 0).sum()), "codebook_usage": round(float((p > 0).float().mean()), 4),
+            "code_perplexity": round(perplexity, 2)}
+
+
+class VQGANModule(L.LightningModule):
+    """Reconstruction (L1 + MSE) plus codebook/commitment loss; unused codes are re-seeded.
+
+    No perceptual or adversarial term: LPIPS weights cannot be fetched offline, and flat flag
+    colours need neither. Codebook init from encoder outputs and dead-code restarts keep a small
+    codebook fully used, which the coarse demo grid depends on.
+    """
+
+    def __init__(self, model: VQGAN, cfg: FitVQGANConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.register_buffer("usage", torch.zeros(model.cfg.n_embed))
+        self.t0 = time.time()
+
+    def on_train_start(self) -> None:
+        self.t0 = time.time()
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x = to_tensor(batch[0].numpy())  # (B, 3, R, R)
+        z = self.model.latents(x)  # (B, D, g, g)
+        self._maybe_reseed(z.detach())
+        zq, qloss, codes = self.model.quantize(z)
+        recon = self.model.decode_latents(zq)
+        self.usage += torch.bincount(codes.flatten(), minlength=self.usage.numel())
+        return F.l1_loss(recon, x) + F.mse_loss(recon, x) + qloss
+
+    @torch.no_grad()
+    def _maybe_reseed(self, z: torch.Tensor) -> None:
+        step, late = self.global_step, 0.8  # stop re-seeding late so the final codebook settles
+        if step % self.cfg.restart_every or step >= self.cfg.max_steps * late \
+                or time.time() - self.t0 >= self.cfg.max_seconds * late:
+            return
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*g*g, D)
+        dead = torch.arange(self.usage.numel()) if step == 0 else (self.usage == 0).nonzero()[:, 0]
+        if len(dead):
+            pick = torch.randint(0, len(flat), (len(dead),))
+            self.model.quantize.embedding.weight[dead] = flat[pick] + 1e-3 * torch.randn_like(flat[pick])
+        self.usage.zero_()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=(0.5, 0.9))
+
+
+def fit(model: VQGAN, images: np.ndarray, cfg: FitVQGANConfig) -> tuple[VQGAN, int]:
+    """Train for at most cfg.max_seconds / cfg.max_steps; returns the model and steps taken."""
+    from datetime import timedelta
+
+    data = torch.utils.data.TensorDataset(torch.from_numpy(images))  # uint8: converted per batch
+    loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(images)),
+                                         shuffle=True, drop_last=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.max_steps, max_epochs=-1,
+                        max_time=timedelta(seconds=cfg.max_seconds), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    module = VQGANModule(model, cfg)
+    trainer.fit(module, loader)
+    return module.model.eval(), trainer.global_step
+
+
+class FitVQGANStage(Stage):
+    name = "fit-vqgan"
+    version = "1"
+    section = "fit_vqgan"
+    engine = "local"
+    description = "fit the demo's tiny VQGAN and caption BPE on the downloaded images"
+
+    def plan(self, root: DataRoot, cfg: FitVQGANConfig) -> list[ShardSpec]:
+        ids = sorted(m.shard_id for m in list_manifests(root, "download"))
+        if not ids:
+            return []
+        inputs = tuple(upstream_ref(root, "download", sid) for sid in ids)
+        return [ShardSpec(self.name, VQGAN_SHARD, inputs), ShardSpec(self.name, BPE_SHARD, inputs)]
+
+    def shard_params(self, cfg: FitVQGANConfig, shard_id: str) -> dict[str, Any]:
+        """Each artifact depends only on its own fields: a new BPE size never refits the VQGAN."""
+        p = cfg.params()
+        keep = BPE_FIELDS if shard_id == BPE_SHARD else [k for k in p if k not in BPE_FIELDS]
+        return {k: p[k] for k in keep}
+
+    def fingerprint(self, cfg: FitVQGANConfig, spec: ShardSpec) -> str:
+        from storage.manifest import fingerprint, params_hash
+
+        return fingerprint(self.version, params_hash(self.shard_params(cfg, spec.shard_id)),
+                           list(spec.inputs))
+
+    def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
+        if ctx.spec.shard_id == BPE_SHARD:
+            return fit_bpe_shard(ctx, ctx.cfg)
+        return fit_vqgan_shard(ctx, ctx.cfg)
+
+
+def fit_bpe_shard(ctx: ShardContext, cfg: FitVQGANConfig) -> ShardResult:
+    caps = read_captions(ctx)
+    tok = train_bpe(caps, cfg.bpe_vocab_size, ctx.output_path(BPE_SUFFIX))
+    lens = [len(tok.encode(c)) for c in caps[:2000]]
+    return ShardResult(rows_in=len(caps), rows_out=1, metrics={
+        "text_tokenizer": tok.fingerprint(), "n_text": tok.vocab_size,
+        "mean_caption_tokens": round(float(np.mean(lens)), 2) if lens else 0.0})
+
+
+def fit_vqgan_shard(ctx: ShardContext, cfg: FitVQGANConfig) -> ShardResult:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    train, held, bad = read_downloads(ctx, cfg)
+    t0 = time.time()
+    model, steps = fit(VQGAN(cfg.vqgan()), train, cfg)
+    metrics = {"train_images": len(train), "steps": steps, "fit_seconds": round(time.time() - t0, 1),
+               "grid": cfg.image_size // cfg.factor, **evaluate(model, held)}
+    save_checkpoint(model, ctx.output_path(VQGAN_SUFFIX))
+    log.info("fit-vqgan: %s", metrics)
+    return ShardResult(rows_in=len(train) + len(held) + bad, rows_out=1,
+                       dropped={"undecodable_image": bad} if bad else {}, metrics=metrics)
