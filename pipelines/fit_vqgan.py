@@ -81,7 +81,7 @@ def load_image(jpg: bytes, size: int) -> np.ndarray:
     img = Image.open(io.BytesIO(jpg)).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable: torch.from_numpy needs it
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -61,3 +61,30 @@ def test_modality_keeps_shape():
 def test_fingerprint_tracks_layout():
     assert V.fingerprint() == Vocab(100, 64, 4).fingerprint()
     assert V.fingerprint() != Vocab(100, 65, 4).fingerprint()
+
+
+def test_small_bpe_round_trips_captions(tmp_path):
+    from model.text_tokenizer import load_text_tokenizer, train_bpe
+
+    caps = [f"a photo of the {n} on a grey background" for n in ("zorvik", "plenta", "quaro")] * 20
+    tok = train_bpe(caps, 80, str(tmp_path / "bpe.json"))
+    again = load_text_tokenizer(str(tmp_path / "bpe.json"))
+    assert tok.vocab_size <= 80 and again.fingerprint() == tok.fingerprint()
+    ids = again.encode("The Zorvik on a grey background")
+    assert again.decode(ids) == "the zorvik on a grey background"  # lowercased, else exact
+    assert max(ids) < again.vocab_size
+
+
+def test_openclip_bpe_is_bundled():
+    from model.text_tokenizer import load_text_tokenizer
+
+    tok = load_text_tokenizer("openclip")
+    assert tok.vocab_size == 49408
+    assert tok.decode(tok.encode("a photo of the zorvik")) == "a photo of the zorvik"
+
+
+def test_missing_bpe_file_names_it(tmp_path):
+    from model.text_tokenizer import load_text_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_text_tokenizer(str(tmp_path / "nope.json"))
