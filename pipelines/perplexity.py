@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from model.document import Vocab
 from model.transformer import Transformer
+from pipelines.sequences import Corpus, load_corpus
+from pipelines.train import load_trained
+from storage.fs import DataRoot
 
 TEXT, IMAGE = 1, 2
 
@@ -62,3 +65,35 @@ def heldout_perplexity(model: Transformer, vocab: Vocab, examples: Sequence[Held
     (i_nll, i_n), (t_nll, t_n) = totals[IMAGE], totals[TEXT]
     return {"image_ppl": math.exp(i_nll / max(i_n, 1)), "text_ppl": math.exp(t_nll / max(t_n, 1)),
             "image_tokens": i_n, "text_tokens": t_n}
+
+
+def heldout_examples(corpus: Corpus, limit: int | None = None) -> list[HeldOutExample]:
+    """Held-out documents of a corpus with their full-query neighbours: retrieved by the caption
+    for image perplexity, by the image for caption perplexity (neighbours without tokens skipped)."""
+    out = []
+    for key in sorted(corpus.held_out)[:limit]:
+        lists = corpus.neighbours.get(key, {})
+
+        def docs(query: str, key: str = key, lists: dict = lists) -> list[Sequence[int]]:
+            return [corpus.docs[n] for n in lists.get((query, 0), []) if n in corpus.docs and n != key]
+
+        out.append(HeldOutExample(corpus.docs[key], by_caption=docs("text"), by_image=docs("image")))
+    return out
+
+
+def compare_variants(root: DataRoot, limit: int | None = None, k: int = 2,
+                     device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Held-out perplexity of RA-CM3 (with and without retrieval) and vanilla CM3, both trained
+    by the `train` stage with the same `holdout_fraction` (the demo's RA-CM3 vs vanilla check)."""
+    ra, vocab, ra_rec = load_trained(root, "ra-cm3", device)
+    vanilla, vocab_v, v_rec = load_trained(root, "vanilla", device)
+    frac = ra_rec["train"]["holdout_fraction"]
+    if frac <= 0 or v_rec["train"]["holdout_fraction"] != frac or vocab != vocab_v:
+        raise ValueError("compare_variants needs both variants trained on the same tokens with the "
+                         "same train.holdout_fraction > 0; re-run `racm3 run train` for both")
+    corpus = load_corpus(root, with_neighbours=True, holdout_fraction=frac)
+    examples = heldout_examples(corpus, limit)
+    return {"ra-cm3 (retrieval)": heldout_perplexity(ra, vocab, examples, True, k),
+            "ra-cm3 (no retrieval)": heldout_perplexity(ra, vocab, examples, False, k),
+            "vanilla": heldout_perplexity(vanilla, vocab, examples, False, k),
+            "examples": {"n": len(examples)}}

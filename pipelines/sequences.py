@@ -8,6 +8,7 @@ mixed lineage (another codebook, another index) before any training starts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -55,6 +56,22 @@ class Corpus:
     docs: dict[str, np.ndarray]  # key -> encoded document ids (int32, ends with <eos>)
     neighbours: dict[str, dict[tuple[str, int], list[str]]] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)  # codebook, text_tokenizer, index, ...
+    held_out: frozenset[str] = frozenset()  # never trained on, as main or as retrieved document
+    _train_keys: list[str] | None = field(default=None, repr=False)
+
+    def train_keys(self) -> list[str]:
+        """Sorted keys of the documents training may use."""
+        if self._train_keys is None or len(self._train_keys) + len(self.held_out) < len(self.docs):
+            self._train_keys = sorted(k for k in self.docs if k not in self.held_out)
+        return self._train_keys
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """A stable pseudo-random split by key: the same keys are held out in every run."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
 
 
 @dataclass
@@ -94,7 +111,9 @@ def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int
     for nk in chosen:
         if len(out) == k:
             break
-        if nk in corpus.docs:
+        if nk in corpus.held_out:
+            counts["neighbour_held_out"] += 1
+        elif nk in corpus.docs:
             out.append(nk)
         else:
             counts["neighbour_missing_tokens"] += 1
@@ -102,16 +121,9 @@ def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int
 
 
 def random_keys(rng: np.random.Generator, key: str, corpus: Corpus, k: int) -> list[str]:
-    keys = corpus_keys(corpus)
+    keys = corpus.train_keys()
     picks = [keys[i] for i in rng.choice(len(keys), size=min(k + 1, len(keys)), replace=False)]
     return [p for p in picks if p != key][:k]
-
-
-def corpus_keys(corpus: Corpus) -> list[str]:
-    cached = corpus.lineage.get("_keys")
-    if cached is None or len(cached) != len(corpus.docs):
-        cached = corpus.lineage["_keys"] = sorted(corpus.docs)
-    return cached
 
 
 # ---------------------------------------------------------------------------- causal masking
@@ -246,7 +258,7 @@ class SequenceStream(IterableDataset):
 
     def units(self, epoch: int, worker: int, n_workers: int) -> Iterator[Unit]:
         rng = np.random.default_rng([self.seed, epoch, worker])
-        keys = corpus_keys(self.corpus)
+        keys = self.corpus.train_keys()
         for i in rng.permutation(len(keys))[worker::n_workers]:
             unit = draw_unit(rng, keys[i], self.corpus, self.cfg, self.counts)
             if unit is not None:
@@ -349,8 +361,10 @@ def check_pins(lineage: dict[str, Any], pins: dict[str, str]) -> None:
                                f"or change the pinned value")
 
 
-def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None) -> Corpus:
-    """Token documents (+ neighbour lists), refusing mismatched lineage before training starts."""
+def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None,
+                holdout_fraction: float = 0.0) -> Corpus:
+    """Token documents (+ neighbour lists), refusing mismatched lineage before training starts;
+    a stable `holdout_fraction` of the documents is set aside for held-out perplexity."""
     vocab, docs, lineage = load_tokens(root)
     neighbours: dict[str, dict[tuple[str, int], list[str]]] = {}
     if with_neighbours:
@@ -359,9 +373,12 @@ def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | No
         missing = sum(1 for k in neighbours if k not in docs)
         lineage["neighbour_rows_without_tokens"] = missing
     check_pins(lineage, pins or {})
-    log.info("corpus: %d documents, %d with neighbours, vocab %d", len(docs), len(neighbours),
-             vocab.size)
-    return Corpus(vocab=vocab, docs=docs, neighbours=neighbours, lineage=lineage)
+    held_out = frozenset(k for k in docs if is_held_out(k, holdout_fraction))
+    lineage["held_out_docs"] = len(held_out)
+    log.info("corpus: %d documents (%d held out), %d with neighbours, vocab %d", len(docs),
+             len(held_out), len(neighbours), vocab.size)
+    return Corpus(vocab=vocab, docs=docs, neighbours=neighbours, lineage=lineage,
+                  held_out=held_out)
 
 
 def longest_unit(corpus: Corpus, cfg: AssemblyConfig) -> int:

@@ -75,6 +75,7 @@ class TrainConfig(StageConfig):
     max_span_frac: float = 0.5  # longest masked span as a fraction of the document
     random_neighbours: bool = False  # ablation: random documents instead of retrieved ones
     overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
+    holdout_fraction: float = 0.0  # documents (stable by key) never trained on, for held-out ppl
     precision: str = "auto"  # Lightning precision; auto = bf16/fp16 mixed on GPU, fp32 on CPU
     seed: int = 0  # model init and data order
     pin_codebook: str = ""  # refuse token shards from another codebook ("" = no pin)
@@ -100,6 +101,7 @@ class TrainConfig(StageConfig):
         self.check(self.max_spans >= 1, "max_spans", "must be >= 1")
         self.check(0 < self.max_span_frac <= 1, "max_span_frac", "must be in (0, 1]")
         self.check(self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop")
+        self.check(0 <= self.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
         self.check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
 
     @property
@@ -255,7 +257,7 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
           callbacks: list[Any] | None = None) -> TrainResult:
     """Train (or resume) in `workdir`; save the plain model to `out_path` when finished."""
     pins = {"codebook": cfg.pin_codebook, "index_fingerprint": cfg.pin_index}
-    corpus = load_corpus(root, with_neighbours=cfg.uses_neighbours, pins=pins)
+    corpus = load_corpus(root, cfg.uses_neighbours, pins, cfg.holdout_fraction)
     seq_len = cfg.resolve_seq_len(corpus)
     mcfg = preset(cfg.model, corpus.vocab.size, dropout=cfg.dropout,
                   max_seq_len=max(seq_len, preset(cfg.model, 1).max_seq_len))
@@ -281,12 +283,8 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
     losses = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tokens = (trainer.global_step - start) * cfg.batch_size * seq_len
     return TrainResult(steps=trainer.global_step, seconds=seconds, seq_len=seq_len,
-                       counts=stream.counts, lineage=public(corpus.lineage), last_losses=losses,
+                       counts=stream.counts, lineage=dict(corpus.lineage), last_losses=losses,
                        resumed_from=start, tokens_per_s=tokens / max(seconds, 1e-9))
-
-
-def public(lineage: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in lineage.items() if not k.startswith("_")}
 
 
 def write_run_record(workdir: str, cfg: TrainConfig, corpus: Corpus, seq_len: int) -> None:
@@ -295,7 +293,7 @@ def write_run_record(workdir: str, cfg: TrainConfig, corpus: Corpus, seq_len: in
 
     os.makedirs(workdir, exist_ok=True)
     record = {"variant": cfg.variant, "params": cfg.params(), "seq_len": seq_len,
-              "lineage": public(corpus.lineage)}
+              "lineage": dict(corpus.lineage)}
     with open(f"{workdir}/run.json", "w") as f:
         json.dump(record, f, indent=2, default=str)
 
@@ -306,7 +304,7 @@ def save_model(path: str, model: Transformer, vocab: Vocab, lineage: dict[str, A
     torch.save({"model": model.state_dict(), "model_config": model.cfg.to_dict(),
                 "vocab": {"n_text": vocab.n_text, "n_image": vocab.n_image,
                           "n_sentinels": vocab.n_sentinels},
-                "lineage": public(lineage), "train": cfg.params()}, path)
+                "lineage": dict(lineage), "train": cfg.params()}, path)
 
 
 def load_trained(root: DataRoot, variant: str = "ra-cm3",
@@ -361,7 +359,7 @@ class TrainStage(Stage):
 
 def dropped(counts: Counter) -> dict[str, int]:
     keys = ("main_truncated", "main_dropped_overlong", "retrieved_dropped_overlong",
-            "neighbour_missing_tokens", "no_neighbour_row")
+            "neighbour_missing_tokens", "neighbour_held_out", "no_neighbour_row")
     return {k: int(counts[k]) for k in keys if counts[k]}
 
 

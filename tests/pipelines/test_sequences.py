@@ -219,3 +219,21 @@ def test_mixed_indexes_and_pins_are_refused(tmp_path):
         load_corpus(root, with_neighbours=True)
     with pytest.raises(LineageError, match="codebook"):
         load_corpus(root, with_neighbours=False, pins={"codebook": "other"})
+
+
+def test_held_out_documents_are_never_trained_on(root):
+    c = load_corpus(root, with_neighbours=True, holdout_fraction=0.3)
+    assert 0 < len(c.held_out) < 16 and c.lineage["held_out_docs"] == len(c.held_out)
+    assert c.held_out == load_corpus(root, False, holdout_fraction=0.3).held_out  # stable split
+    stream = SequenceStream(c, AssemblyConfig(seq_len=200, k_max=2, mask_prob=0), seed=0)
+    trained = [c.docs[k] for k in c.train_keys()]
+    held = [c.docs[k] for k in c.held_out  # content-unique ones: entity docs can coincide
+            if not any(np.array_equal(c.docs[k], t) for t in trained)]
+    assert held
+    for seq in islice(iter(stream), 40):
+        assert not set(seq["keys"]) & c.held_out
+        ids = seq["ids"].tolist()
+        for starts in [np.flatnonzero(seq["positions"] == 0)]:
+            for s, e in zip(starts, [*starts[1:], len(ids)], strict=True):
+                assert not any(np.array_equal(ids[s:e], h) for h in held)
+    assert stream.counts["neighbour_held_out"] > 0

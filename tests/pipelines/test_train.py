@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.transformer import Transformer, TransformerConfig
-from pipelines.perplexity import HeldOutExample, heldout_perplexity
+from pipelines.perplexity import HeldOutExample, compare_variants, heldout_perplexity
 from pipelines.runconfig import RunConfig
 from pipelines.runner import run_stage
 from pipelines.sequences import (
@@ -187,3 +187,15 @@ def test_heldout_perplexity_with_and_without_retrieval(root):
     assert with_r["text_tokens"] == 2 * 3
     assert 1 < without["image_ppl"] < 2 * corpus.vocab.size
     assert with_r["image_ppl"] != without["image_ppl"]
+
+
+def test_compare_variants_on_held_out_documents(root):
+    cfgs = {"run": RunConfig(retries=0)}
+    for variant in ("ra-cm3", "vanilla"):
+        cfgs["train"] = TrainConfig(variant=variant, max_steps=3, holdout_fraction=0.3, **FAST)
+        assert run_stage("train", root, cfgs).ok
+    out = compare_variants(root)
+    assert out["examples"]["n"] > 0
+    for name in ("ra-cm3 (retrieval)", "ra-cm3 (no retrieval)", "vanilla"):
+        assert 1 < out[name]["image_ppl"] < 1e3 and out[name]["text_tokens"] > 0
+    assert out["ra-cm3 (retrieval)"]["image_ppl"] != out["ra-cm3 (no retrieval)"]["image_ppl"]
