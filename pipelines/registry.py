@@ -9,10 +9,16 @@ from pipelines.config import ConfigError, build, load_raw
 
 # Pipeline order: a stage's upstream stages come before it.
 STAGES: dict[str, str] = {
+    "demo": "pipelines.demo_data:DemoDataStage",
     "filter": "pipelines.filter:FilterStage",
     "download": "pipelines.download:DownloadStage",
+    "fit-clip": "pipelines.fit_clip:FitClipStage",
     "fit-vqgan": "pipelines.fit_vqgan:FitVQGANStage",
+    "embed": "pipelines.embed:EmbedStage",
     "tokenize": "pipelines.tokenize:TokenizeStage",
+    "index": "pipelines.index:IndexStage",
+    "retrieval-eval": "pipelines.retrieval_eval:RetrievalEvalStage",
+    "retrieve": "pipelines.retrieve:RetrieveStage",
     "train": "pipelines.train:TrainStage",
 }
 
@@ -23,8 +29,13 @@ SECTIONS: dict[str, str] = {
     "demo": "pipelines.demo_data:DemoDataConfig",
     "filter": "pipelines.filter:FilterConfig",
     "download": "pipelines.download:DownloadConfig",
+    "fit_clip": "pipelines.fit_clip:FitClipConfig",
     "fit_vqgan": "pipelines.fit_vqgan:FitVQGANConfig",
+    "embed": "pipelines.embed:EmbedConfig",
     "tokenize": "pipelines.tokenize:TokenizeConfig",
+    "index": "pipelines.index:IndexConfig",
+    "retrieval_eval": "pipelines.retrieval_eval:RetrievalEvalConfig",
+    "retrieve": "pipelines.retrieve:RetrieveConfig",
     "train": "pipelines.train:TrainConfig",
 }
 

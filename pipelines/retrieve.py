@@ -140,7 +140,14 @@ def base_queries(emb: pa.Table) -> Queries:
         mods.append(np.full(len(present), m))
         vecs.append(v[present])
     docs_a = np.concatenate(docs)
-    return Queries(docs_a, np.concatenate(mods), np.zeros(len(docs_a), np.int64), np.concatenate(vecs))
+    return ordered(Queries(docs_a, np.concatenate(mods), np.zeros(len(docs_a), np.int64),
+                           np.concatenate(vecs)))
+
+
+def ordered(qs: Queries) -> Queries:
+    """Rows by document, then modality (text, image), then variant: the shard's row order."""
+    order = np.lexsort((qs.variant, qs.modality, qs.doc))
+    return Queries(qs.doc[order], qs.modality[order], qs.variant[order], qs.vecs[order])
 
 
 def dropout_queries(encoder: DocEncoder, base: Queries, keys: list[str], captions: list[str],
@@ -165,9 +172,7 @@ def dropout_queries(encoder: DocEncoder, base: Queries, keys: list[str], caption
 
 def concat(a: Queries, b: Queries) -> Queries:
     parts = [np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("doc", "modality", "variant")]
-    order = np.lexsort((parts[2], parts[1], parts[0]))  # by doc, then modality, then variant
-    vecs = np.concatenate([a.vecs, b.vecs.astype(np.float32)])
-    return Queries(*(p[order] for p in parts), vecs[order])
+    return ordered(Queries(*parts, np.concatenate([a.vecs, b.vecs.astype(np.float32)])))
 
 
 def rows_for(index: LoadedIndex, qs: Queries, keys: np.ndarray, sha: np.ndarray,

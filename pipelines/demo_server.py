@@ -1,0 +1,39 @@
+"""A quiet static HTTP server on 127.0.0.1 for the demo images (started and stopped by the flow)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http: " + format, *args)
+
+
+@contextlib.contextmanager
+def serve_directory(directory: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `directory` at http://host:port until the block exits; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=directory)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise OSError(f"cannot serve the demo images on {host}:{port} ({e}); free the port or set "
+                      "demo.port to another one") from e
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="racm3-demo-http", daemon=True)
+    thread.start()
+    url = f"http://{host}:{server.server_address[1]}"
+    log.info("serving %s at %s", directory, url)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
