@@ -265,14 +265,24 @@ class SequenceStream(IterableDataset):
                 yield unit
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, n_workers = shard_of_stream()
         epoch = self.start_epoch
         while True:
             for seq in pack(self.units(epoch, worker, n_workers), self.cfg.seq_len, self.counts):
                 seq["modality"] = self.modality_table[seq["ids"]]
                 yield seq
             epoch += 1
+
+
+def shard_of_stream() -> tuple[int, int]:
+    """(this reader's index, number of readers) over DDP ranks x loader workers, so that each
+    rank and worker assembles a disjoint slice of the main documents."""
+    info = get_worker_info()
+    worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * n_workers + worker, dist.get_world_size() * n_workers
+    return worker, n_workers
 
 
 def modality_table(vocab: Vocab) -> np.ndarray:

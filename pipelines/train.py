@@ -216,7 +216,7 @@ def loggers(workdir: str) -> list[Any]:
 
 
 def make_trainer(cfg: TrainConfig, workdir: str, callbacks: list[Any]) -> L.Trainer:
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=f"{workdir}/checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint_every)
@@ -224,7 +224,8 @@ def make_trainer(cfg: TrainConfig, workdir: str, callbacks: list[Any]) -> L.Trai
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=devices,
         strategy=cfg.strategy, precision=resolve_precision(cfg.precision),
-        gradient_clip_val=cfg.grad_clip, logger=loggers(workdir), callbacks=[ckpt, *callbacks],
+        gradient_clip_val=cfg.grad_clip, logger=loggers(workdir),
+        callbacks=[ckpt, LearningRateMonitor("step"), *callbacks],
         log_every_n_steps=cfg.log_every, enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=workdir, deterministic=False)
