@@ -29,6 +29,7 @@ class RetrievalEvalConfig(StageConfig):
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
     coco: str = "demo/laion.coco/captions_val.json"  # COCO captions JSON (relative to the data root, or absolute)
     ks: tuple[int, ...] = (1, 3, 5)  # recall cut-offs (paper Table 4)
+    image_dir: str = ""  # folder of the image files ("" = `images/` beside the JSON, or beside it)
     max_images: int = 0  # score at most this many held-out images (0 = all)
     batch_size: int = 64  # encoder batch size
     device: str = "cpu"  # "cpu", "cuda" or "auto"
@@ -51,8 +52,8 @@ def resolve(root: DataRoot, path: str) -> str:
     return path if "://" in path or path.startswith("/") else root.join(path)
 
 
-def load_coco(root: DataRoot, path: str, max_images: int = 0) -> CocoSplit:
-    """Read a COCO captions JSON and its image files (under `images/` beside it, or beside it)."""
+def load_coco(root: DataRoot, path: str, max_images: int = 0, image_dir: str = "") -> CocoSplit:
+    """Read a COCO captions JSON and its image files (image_dir, or `images/` beside it, or beside it)."""
     path = resolve(root, path)
     if not root.exists(path):
         raise FileNotFoundError(f"COCO captions file {path} not found: run `racm3 run demo` or set "
@@ -65,18 +66,20 @@ def load_coco(root: DataRoot, path: str, max_images: int = 0) -> CocoSplit:
     images = [im for im in coco["images"] if len(caps.get(im["id"], [])) >= 2]
     images = images[:max_images] if max_images else images
     base = posixpath.dirname(path)
-    data = [_read_image(root, base, im["file_name"]) for im in images]
+    dirs = [resolve(root, image_dir)] if image_dir else [posixpath.join(base, "images"), base]
+    data = [_read_image(root, dirs, im["file_name"]) for im in images]
     ents = coco.get("racm3_entities")
     return CocoSplit(data, [caps[im["id"]] for im in images],
                      [ents[str(im["id"])] for im in images] if ents else None)
 
 
-def _read_image(root: DataRoot, base: str, file_name: str) -> bytes:
-    for p in (posixpath.join(base, "images", file_name), posixpath.join(base, file_name)):
-        if root.exists(p):
+def _read_image(root: DataRoot, dirs: list[str], file_name: str) -> bytes:
+    for d in dirs:
+        if root.exists(p := posixpath.join(d, file_name)):
             with root.fs.open(p, "rb") as f:
                 return f.read()
-    raise FileNotFoundError(f"COCO image {file_name} not found under {base}/images or {base}")
+    raise FileNotFoundError(f"COCO image {file_name} not found in {' or '.join(dirs)}: set "
+                            f"`retrieval_eval.image_dir` to the folder holding the images")
 
 
 def recall(scores: np.ndarray, hits: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
@@ -135,7 +138,7 @@ class RetrievalEvalStage(Stage):
         enc_info = index_encoder(ctx.root)
         encoder = DocEncoder.load(enc_info["model"], resolve(ctx.root, enc_info["checkpoint"]),
                                   enc_info["fingerprint"], cfg.device, cfg.batch_size)
-        split = load_coco(ctx.root, cfg.coco, cfg.max_images)
+        split = load_coco(ctx.root, cfg.coco, cfg.max_images, cfg.image_dir)
         result = table4(encoder, split, cfg.ks) | {"encoder": enc_info["fingerprint"]}
         with ctx.root.fs.open(ctx.output_path("json"), "w") as f:
             json.dump(result, f, indent=2)
