@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -211,21 +212,27 @@ def draw_unit(rng: np.random.Generator, key: str, corpus: Corpus, cfg: AssemblyC
 # ---------------------------------------------------------------------------- packing
 
 
-def pack(units: Iterable[Unit], seq_len: int, counts: Counter) -> Iterator[dict[str, Any]]:
-    """Greedily pack whole units into sequences of exactly seq_len tokens, padding the rest.
+def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
+         lookahead: int = 16) -> Iterator[dict[str, Any]]:
+    """Pack whole units into sequences of exactly seq_len tokens, padding the rest.
 
-    A unit never straddles two sequences. Vanilla CM3 (one document per unit) therefore packs
-    several main documents per sequence, RA-CM3 packs retrieved ones: equal tokens per step.
+    Each sequence takes, in arrival order, the first units of a `lookahead` pool that still fit
+    (first fit), so RA-CM3's mixed-length units waste little padding. A unit never straddles
+    two sequences. Vanilla CM3 (one document per unit) packs several main documents per
+    sequence where RA-CM3 packs retrieved ones: equal tokens per step.
     """
-    buf: list[Unit] = []
-    used = 0
-    for u in units:
-        if used + len(u) > seq_len and buf:
-            yield finish(buf, seq_len, counts)
-            buf, used = [], 0
-        buf.append(u)
-        used += len(u)
-    if buf:
+    it = iter(units)
+    pool: list[Unit] = list(islice(it, lookahead))
+    while pool:
+        buf: list[Unit] = []
+        used = 0
+        while (i := next((j for j, u in enumerate(pool) if used + len(u) <= seq_len), None)) is not None:
+            unit = pool.pop(i)
+            buf.append(unit)
+            used += len(unit)
+            pool.extend(islice(it, 1))
+        if not buf:  # a unit longer than seq_len: fit_unit prevents it, refuse loudly otherwise
+            raise ValueError(f"unit of {len(pool[0])} tokens exceeds seq_len {seq_len}")
         yield finish(buf, seq_len, counts)
 
 

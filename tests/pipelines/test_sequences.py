@@ -16,6 +16,7 @@ from pipelines.sequences import (
     Corpus,
     LineageError,
     SequenceStream,
+    assemble,
     collate,
     draw_spans,
     draw_unit,
@@ -237,3 +238,16 @@ def test_held_out_documents_are_never_trained_on(root):
             for s, e in zip(starts, [*starts[1:], len(ids)], strict=True):
                 assert not any(np.array_equal(ids[s:e], h) for h in held)
     assert stream.counts["neighbour_held_out"] > 0
+
+
+def test_first_fit_packing_fills_gaps_from_the_lookahead_pool():
+    def unit(n, key):
+        return assemble([], np.full(n, 7), 0.1, key)
+
+    units = [unit(150, "a"), unit(150, "b"), unit(90, "c"), unit(90, "d")]
+    greedy = list(pack(units, 240, Counter(), lookahead=1))
+    assert [s["keys"] for s in greedy] == [["a"], ["b", "c"], ["d"]]
+    counts = Counter()
+    packed = list(pack(units, 240, counts, lookahead=4))
+    assert [s["keys"] for s in packed] == [["a", "c"], ["b", "d"]]
+    assert counts["pad_tokens"] == 0 and counts["main_docs"] == 4
