@@ -1,14 +1,12 @@
 """Stage `download`: img2dataset fetches each URL shard into one image shard (Parquet).
 
-img2dataset's own Reader, Resizer and Downloader run in-process on one URL shard, so one racm3
+img2dataset's own Resizer, Downloader and Parquet writer run in-process on one URL shard, so one racm3
 shard maps to one img2dataset shard and the stage is a plain per-shard function (clip-retrieval's
 pattern): no process spawn per shard, and Prefect/Beam decide where shards run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import tempfile
@@ -61,29 +59,27 @@ def img2dataset_shard(urls: pa.Table, cfg: DownloadConfig, workdir: str) -> pa.T
     """Download one URL shard with img2dataset's components; returns img2dataset's output rows."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset.downloader import Downloader
-    from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
 
-    src = os.path.join(workdir, "urls.parquet")
-    pq.write_table(urls, src)
     out = os.path.join(workdir, "out")
     os.makedirs(out)
-    os.makedirs(os.path.join(workdir, "_tmp"))  # img2dataset.download() makes it; we call Reader directly
-    reader = Reader(src, "parquet", "url", "caption", None, None, CARRY, max(urls.num_rows, 1),
-                    set(), os.path.join(workdir, "_tmp"), 0)
+    # img2dataset's Reader would write exactly this Arrow file (and print chatter); a URL shard
+    # is already one img2dataset shard, so we hand it over directly.
+    columns = [*CARRY, "caption", "url"]
+    shard_file = os.path.join(workdir, "00000.feather")
+    with pa.OSFile(shard_file, "wb") as f, pa.ipc.new_file(f, urls.select(columns).schema) as w:
+        w.write_table(urls.select(columns))
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                       resize_only_if_bigger=False, encode_quality=cfg.encode_quality,
                       min_image_size=cfg.min_image_size)
     downloader = Downloader(
         sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=cfg.threads,
-        save_caption=True, extract_exif=False, output_folder=out, column_list=reader.column_list,
+        save_caption=True, extract_exif=False, output_folder=out, column_list=columns,
         timeout=cfg.timeout, number_sample_per_shard=max(urls.num_rows, 1), oom_shard_count=5,
         compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=None)
-    with contextlib.redirect_stdout(io.StringIO()):  # img2dataset prints progress chatter
-        for row in reader:
-            downloader.download_shard(row)
+    downloader.download_shard((0, shard_file))
     return pq.read_table(os.path.join(out, "00000.parquet"))
 
 

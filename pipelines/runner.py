@@ -50,9 +50,16 @@ class StageReport:
         return s
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "ran": len(self.ran), "skipped": len(self.skipped),
-                "failed": self.failed, "rows_in": self.rows_in, "rows_out": self.rows_out,
-                "dropped": dict(self.dropped), "seconds": round(self.seconds, 2)}
+        return {"stage": self.stage, "ran": list(self.ran), "skipped": list(self.skipped),
+                "failed": dict(self.failed), "rows_in": self.rows_in, "rows_out": self.rows_out,
+                "dropped": dict(self.dropped), "metrics": self.metrics,
+                "seconds": round(self.seconds, 2)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StageReport:
+        return cls(d["stage"], list(d["ran"]), list(d["skipped"]), dict(d["failed"]),
+                   d["rows_in"], d["rows_out"], Counter(d["dropped"]), d.get("metrics", {}),
+                   d["seconds"])
 
 
 def stage_config(name: str, cfgs: dict[str, Any]) -> Any:

@@ -1,0 +1,221 @@
+"""The `racm3` command: demo, run, status, inspect, lineage. Users script against it; keep it stable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEFAULT_ROOT = "data"
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def data_root_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=os.environ.get("RACM3_DATA_ROOT", DEFAULT_ROOT),
+                   help="data root (local folder or URL such as s3://bucket/racm3); "
+                        "default $RACM3_DATA_ROOT or ./data")
+
+
+def config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
+    p.add_argument("--preset", default=default_preset, help="config preset: demo or paper")
+    p.add_argument("--config", dest="config_file", help="TOML file overriding the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set filter.max_pwatermark=0.3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="racm3", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the embedded demo end to end")
+    data_root_arg(p)
+    config_args(p)
+    p.add_argument("--seed", type=int, default=0, help="demo data seed")
+    p.add_argument("--until", help="stop after this stage")
+    p.add_argument("--force", action="store_true", help="recompute shards that are done")
+
+    p = sub.add_parser("run", help="(re-)run one stage; done shards are skipped")
+    p.add_argument("stage")
+    data_root_arg(p)
+    config_args(p)
+    p.add_argument("--force", action="store_true", help="recompute shards that are done")
+    p.add_argument("--local", action="store_true",
+                   help="run without Prefect (same shards, same manifests)")
+
+    p = sub.add_parser("status", help="per stage: shards done / stale / missing")
+    data_root_arg(p)
+    config_args(p)
+
+    p = sub.add_parser("inspect", help="SQL (DuckDB) over every stage's shards and `manifests`")
+    data_root_arg(p)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("sql", nargs="?", help="a query; without one, list the views")
+
+    p = sub.add_parser("lineage", help="ancestry of a shard or artifact, back to the metadata rows")
+    data_root_arg(p)
+    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "faiss.loader", "apache_beam", "distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipelines.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"racm3: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as e:
+        print(f"racm3: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.pipeline import demo_flow, steps
+    from flows.summary import print_summary
+    from pipelines.registry import load_config
+    from pipelines.runner import StageReport
+
+    load_config(args.preset, args.config_file, args.overrides)  # fail fast on a bad config
+    steps(args.until)
+    dicts = demo_flow(data_root=args.data_root, seed=args.seed, until=args.until,
+                      preset=args.preset, config_file=args.config_file,
+                      overrides=args.overrides, force=args.force)
+    reports = [StageReport.from_dict(d) for d in dicts]
+    print_summary(reports, args.data_root, title="racm3 demo")
+    return EXIT_FAILED if any(r.failed for r in reports) else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.summary import print_summary
+    from pipelines.registry import get_stage, load_config
+    from pipelines.runner import StageReport, run_stage
+    from storage.fs import DataRoot
+
+    get_stage(args.stage)
+    cfgs = load_config(args.preset, args.config_file, args.overrides)
+    if args.local:
+        report = run_stage(args.stage, DataRoot(args.data_root), cfgs, force=args.force)
+    else:
+        from flows.stages import STAGE_FLOWS
+
+        report = StageReport.from_dict(STAGE_FLOWS[args.stage](
+            data_root=args.data_root, preset=args.preset, config_file=args.config_file,
+            overrides=args.overrides, force=args.force))
+    print_summary([report], args.data_root, title=f"racm3 run {args.stage}")
+    return EXIT_FAILED if report.failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.registry import STAGES, get_stage, load_config
+    from pipelines.stage import shard_states
+    from storage.fs import DataRoot
+
+    cfgs, root = load_config(args.preset, args.config_file, args.overrides), DataRoot(args.data_root)
+    t = Table(title=f"racm3 status: {args.data_root}")
+    for col in ("stage", "shards", "done", "stale", "missing", "note"):
+        t.add_column(col)
+    for name in STAGES:
+        stage = get_stage(name)
+        try:
+            states = shard_states(stage, root, cfgs[stage.section or name])
+        except (FileNotFoundError, ValueError) as e:
+            t.add_row(name, "-", "-", "-", "-", f"waiting: {str(e)[:70]}")
+            continue
+        counts = {s: sum(1 for x in states if x.state == s) for s in ("done", "stale", "missing")}
+        t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")), "")
+    Console().print(t)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from storage.fs import DataRoot
+    from storage.views import connect, views
+
+    root = DataRoot(args.data_root)
+    if not args.sql:
+        print("views: " + ", ".join(views(root)))
+        return 0
+    con = connect(root)
+    import duckdb
+
+    try:
+        rel = con.sql(args.sql)
+    except duckdb.Error as e:
+        print(f"racm3: error: {e}\nviews: {', '.join(views(root))}", file=sys.stderr)
+        return EXIT_USAGE
+    if rel is None:
+        return 0
+    print(format_rows(rel.columns, rel.fetchall(), args.format))
+    return 0
+
+
+def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=_json_default,
+                          indent=1)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows([[_cell(v) for v in r] for r in rows])
+        return buf.getvalue().rstrip("\n")
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table()
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(_cell(v) for v in r))
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(t)
+    return console.export_text().rstrip("\n")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bytes | bytearray):
+        return f"<{len(v)} bytes>"
+    return "" if v is None else str(v)
+
+
+def _json_default(v: Any) -> Any:
+    return f"<{len(v)} bytes>" if isinstance(v, bytes | bytearray) else str(v)
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from storage.fs import DataRoot
+    from storage.lineage import render, walk
+
+    root = DataRoot(args.data_root)
+    node = walk(root, args.path)
+    if node.manifest is None:
+        print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(render(node)))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "inspect": cmd_inspect,
+            "lineage": cmd_lineage}
+
+if __name__ == "__main__":
+    sys.exit(main())

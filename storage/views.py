@@ -1,0 +1,64 @@
+"""DuckDB over the data root: one view per stage (its committed Parquet shards) plus `manifests`."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pyarrow as pa
+
+from storage.fs import DataRoot
+from storage.manifest import list_manifests
+
+MANIFEST_COLUMNS = ("stage", "shard_id", "stage_version", "fingerprint", "params_hash",
+                    "code_version", "rows_in", "rows_out", "output_digest", "flow_run_id",
+                    "created_at")
+
+
+def shard_files(root: DataRoot) -> dict[str, list[str]]:
+    """stage -> URLs of its Parquet shards that have a manifest (a shard without one does not exist)."""
+    out: dict[str, list[str]] = {}
+    for m in list_manifests(root):
+        for rel in m.outputs:
+            if rel.endswith(".parquet") and rel.count("/") == 1:
+                out.setdefault(m.stage, []).append(root.url(root.join(rel)))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def manifests_table(root: DataRoot) -> pa.Table:
+    rows = []
+    for m in list_manifests(root):
+        d = {c: getattr(m, c) for c in MANIFEST_COLUMNS}
+        d.update(dropped=json.dumps(m.dropped, sort_keys=True),
+                 metrics=json.dumps(m.metrics, sort_keys=True, default=str),
+                 inputs=json.dumps([i.path for i in m.inputs]),
+                 outputs=json.dumps(sorted(m.outputs)),
+                 seconds=float(m.timings.get("total_s", 0.0)))
+        rows.append(d)
+    schema = pa.schema([("stage", pa.string()), ("shard_id", pa.string()),
+                        ("stage_version", pa.string()), ("fingerprint", pa.string()),
+                        ("params_hash", pa.string()), ("code_version", pa.string()),
+                        ("rows_in", pa.int64()), ("rows_out", pa.int64()),
+                        ("output_digest", pa.string()), ("flow_run_id", pa.string()),
+                        ("created_at", pa.float64()), ("dropped", pa.string()),
+                        ("metrics", pa.string()), ("inputs", pa.string()),
+                        ("outputs", pa.string()), ("seconds", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def connect(root: DataRoot) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with a view per stage and `manifests`; reads files in place."""
+    con = duckdb.connect()
+    if not root.is_local:
+        con.register_filesystem(root.fs)
+    for stage, files in shard_files(root).items():
+        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        con.execute(f'CREATE VIEW "{stage}" AS SELECT * FROM read_parquet([{listing}], '
+                    "union_by_name = true, filename = true)")
+    con.register("manifests_arrow", manifests_table(root))
+    con.execute("CREATE VIEW manifests AS SELECT * FROM manifests_arrow")
+    return con
+
+
+def views(root: DataRoot) -> list[str]:
+    return ["manifests", *shard_files(root)]
