@@ -69,12 +69,18 @@ def mix(text: np.ndarray, image: np.ndarray, has_text: np.ndarray,
     return np.where((has_text | has_image)[:, None], out, 0.0).astype(np.float32)
 
 
-def decode_image(data: bytes | None) -> Image.Image | None:
-    """RGB image from encoded bytes, or None when the bytes are missing or undecodable."""
+def decode_image(data: bytes | None, min_side: int | None = None) -> Image.Image | None:
+    """RGB image from encoded bytes, or None when the bytes are missing or undecodable.
+
+    With min_side, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides >= min_side: the model resizes to its input size anyway, and this halves embed time.
+    """
     if not data:
         return None
     try:
         img = Image.open(io.BytesIO(data))
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
         img.load()
         return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
@@ -161,6 +167,12 @@ class DocEncoder:
             return None  # not an open_clip ViT: image query dropout is unavailable
         visual.patch_dropout = SeededPatchDrop()
         return visual.patch_dropout
+
+    @property
+    def image_side(self) -> int | None:
+        """Longer side of the model's input images (what decode_image may shrink JPEGs to)."""
+        size = getattr(getattr(self.model, "visual", None), "image_size", None)
+        return max(size) if isinstance(size, tuple | list) else size
 
     @property
     def n_patches(self) -> int:

@@ -117,7 +117,7 @@ def embed_rows(encoder: DocEncoder, rows: list[dict[str, Any]], batch: int) -> d
                                                           "has_text", "has_image")}
     for s in range(0, len(rows), batch):
         chunk = rows[s:s + batch]
-        images = [decode_image(r["jpg"]) for r in chunk]
+        images = [decode_image(r["jpg"], encoder.image_side) for r in chunk]
         out = encoder.encode_docs([r["caption"] for r in chunk], images)
         for k in parts:
             parts[k].append(out[k])

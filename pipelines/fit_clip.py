@@ -81,10 +81,10 @@ def read_pairs(ctx: ShardContext) -> tuple[list[str], list[bytes], dict[str, int
 
 
 def build_corpus(caps: list[str], jpgs: list[bytes], preprocess: Any, tokenizer: Any,
-                 dropped: dict[str, int]) -> Corpus:
+                 dropped: dict[str, int], side: int | None = None) -> Corpus:
     keep, ims = [], []
     for i, b in enumerate(jpgs):
-        im = decode_image(b)
+        im = decode_image(b, side)  # same DCT-scaled decode as embed
         if im is None:
             dropped["undecodable_image"] += 1
             continue
@@ -175,7 +175,7 @@ class FitClipStage(Stage):
         else:
             train_idx, split = holdout(caps, jpgs, cfg)
             caps, jpgs = [caps[i] for i in train_idx], [jpgs[i] for i in train_idx]
-        data = build_corpus(caps, jpgs, eval_tf, tok, dropped)
+        data = build_corpus(caps, jpgs, eval_tf, tok, dropped, max(model.visual.image_size))
         if len(data.captions) < 2:
             raise ValueError("fit-clip found fewer than 2 usable (caption, image) pairs")
         stats = train(model, data, cfg)

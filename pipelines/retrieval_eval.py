@@ -96,7 +96,7 @@ def table4(encoder: DocEncoder, split: CocoSplit, ks: tuple[int, ...] = (1, 3, 5
     of each image (so no query is the memory's own text); image->text memory is every caption.
     """
     m = len(split.images)
-    imgs = [decode_image(b) for b in split.images]
+    imgs = [decode_image(b, encoder.image_side) for b in split.images]
     if any(im is None for im in imgs):
         raise ValueError("a held-out image could not be decoded; regenerate the COCO split")
     image_emb = encoder.encode_image(imgs)  # type: ignore[arg-type]  # (M, D)
@@ -140,10 +140,49 @@ class RetrievalEvalStage(Stage):
                                   enc_info["fingerprint"], cfg.device, cfg.batch_size)
         split = load_coco(ctx.root, cfg.coco, cfg.max_images, cfg.image_dir)
         result = table4(encoder, split, cfg.ks) | {"encoder": enc_info["fingerprint"]}
+        if split.entities:  # demo: does the memory return documents about the same entity?
+            result["memory_entity_hit"] = memory_entity_hits(ctx.root, encoder, split, cfg.ks)
         with ctx.root.fs.open(ctx.output_path("json"), "w") as f:
             json.dump(result, f, indent=2)
         log.info("retrieval-eval: %s", format_table(result))
         return ShardResult(rows_in=result["n_images"], rows_out=len(TASKS), metrics=result)
+
+
+def memory_entity_hits(root: DataRoot, encoder: DocEncoder, split: CocoSplit,
+                       ks: tuple[int, ...]) -> dict[str, dict[str, float]]:
+    """% of held-out queries whose top-k index neighbours include a doc naming the same entity.
+
+    The demo's knowledge test: RA-CM3 can only copy an entity's look if retrieval finds it.
+    """
+    from pipelines.index import load_index
+
+    index = load_index(root)
+    index.check_encoder(encoder.info.fingerprint, encoder.info.dim)
+    captions = memory_captions(root)
+    names = np.asarray([captions.get(k, "") for k in index.keys], dtype=object)
+    imgs = [decode_image(b, encoder.image_side) for b in split.images]
+    queries = {"text": encoder.encode_text([c[0] for c in split.captions]),
+               "image": encoder.encode_image(imgs)}  # type: ignore[arg-type]
+    out = {}
+    for kind, q in queries.items():
+        _, ids = index.search(q, max(ks))
+        hits = np.array([[f" {ent} " in f" {names[i]} ".replace(",", " ") for i in row]
+                         for row, ent in zip(ids, split.entities or [], strict=True)])
+        out[f"{kind}_query"] = {f"R@{k}": round(100.0 * float(hits[:, :k].any(axis=1).mean()), 2)
+                                for k in ks}
+    return out
+
+
+def memory_captions(root: DataRoot) -> dict[str, str]:
+    """key -> caption over every download shard (demo scale only)."""
+    from storage.manifest import list_manifests
+    from storage.shards import read_table
+
+    out: dict[str, str] = {}
+    for m in list_manifests(root, "download"):
+        t = read_table(root, root.artifact("download", m.shard_id, "parquet"), ["key", "caption"])
+        out.update(zip(t["key"].to_pylist(), (c or "" for c in t["caption"].to_pylist()), strict=True))
+    return out
 
 
 def coco_ref(root: DataRoot, coco: str) -> InputRef:
@@ -165,6 +204,9 @@ def format_table(result: dict[str, Any]) -> str:
     for task in (*TASKS, "chance"):
         lines.append(f"{task:<18}" + "".join(f"{result[task][k]:>8.1f}" for k in ks))
     lines.append(f"({result['n_images']} held-out images, {result['n_text_queries']} text queries)")
+    for kind, row in result.get("memory_entity_hit", {}).items():
+        lines.append(f"{'memory, ' + kind:<18}" + "".join(f"{row[k]:>8.1f}" for k in ks)
+                     + "   (a neighbour from the index names the same entity)")
     return "\n".join(lines)
 
 

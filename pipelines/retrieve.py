@@ -161,7 +161,7 @@ def dropout_queries(encoder: DocEncoder, base: Queries, keys: list[str], caption
             if name == "text":
                 vecs = encoder.encode_text([captions[d] for d in docs], cfg.drop_fraction, seeds)
             else:
-                images = [decode_image(jpgs[d]) for d in docs]
+                images = [decode_image(jpgs[d], encoder.image_side) for d in docs]
                 vecs = encoder.encode_image(images, cfg.drop_fraction, seeds)  # type: ignore[arg-type]
             out.append(Queries(docs, np.full(len(docs), m), np.full(len(docs), v), vecs))
     if not out:

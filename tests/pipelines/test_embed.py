@@ -39,7 +39,7 @@ def test_embed_writes_unit_doc_embeddings_and_counts_failures(root):
     # The stored row is exactly what the encoder gives for that document.
     src = read_table(root, root.artifact("download", "00000", "parquet")).to_pylist()[0]
     enc = DocEncoder.load("racm3-tiny", root.join(CKPT))
-    again = enc.encode_docs([src["caption"]], [decode_image(src["jpg"])])["doc_emb"][0]
+    again = enc.encode_docs([src["caption"]], [decode_image(src["jpg"], enc.image_side)])["doc_emb"][0]
     np.testing.assert_allclose(doc[0], again, rtol=1e-4, atol=1e-5)
     m = read_manifest(root, "embed", "00000")
     assert m.metrics["encoder"].startswith("racm3-tiny@") and m.metrics["dim"] == 64

@@ -1,0 +1,88 @@
+"""Benchmark the embed stage (Beam, shard contract) against a plain batched open_clip loop.
+
+    python benchmarks/bench_embed.py [--docs 1000] [--batch-size 64] [--model racm3-tiny --checkpoint F]
+
+Both sides encode the same download shard (decode JPEG, preprocess, encode_image, encode_text) with
+the same model, batch size and threads; the stage also reads/writes Parquet, mixes doc_emb, and
+runs inside a Beam DirectRunner pipeline. Throughput is (images + texts) / s; the ratio is
+stage / loop (goal >= 0.87).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model.clip_encoder import create_clip  # noqa: E402
+from pipelines.embed import EmbedConfig  # noqa: E402
+from pipelines.runconfig import BeamConfig, RunConfig  # noqa: E402
+from pipelines.runner import run_stage  # noqa: E402
+from storage.fs import DataRoot  # noqa: E402
+from storage.manifest import read_manifest  # noqa: E402
+from storage.shards import read_table  # noqa: E402
+from tests.factories import make_download_shard  # noqa: E402
+
+
+@torch.no_grad()
+def plain_loop(model_name: str, ckpt: str, rows: list[dict], batch: int) -> float:
+    """Seconds for the baseline: the shortest batched open_clip loop over the same rows."""
+    model, _, preprocess, tok = create_clip(model_name, ckpt)
+    model.eval()
+    t0 = time.perf_counter()
+    for s in range(0, len(rows), batch):
+        chunk = rows[s:s + batch]
+        ims = torch.stack([preprocess(Image.open(io.BytesIO(r["jpg"])).convert("RGB")) for r in chunk])
+        model.encode_image(ims, normalize=True)
+        model.encode_text(tok([r["caption"] for r in chunk]), normalize=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="racm3-tiny")
+    ap.add_argument("--checkpoint", default="", help="open_clip state dict (default: random init)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = DataRoot(tmp)
+        ckpt = args.checkpoint
+        if not ckpt:
+            model, *_ = create_clip(args.model)
+            ckpt = root.join("clip.pt")
+            torch.save(model.state_dict(), ckpt)
+        make_download_shard(root, "00000", n=args.docs, size=256)
+        rows = read_table(root, root.artifact("download", "00000", "parquet")).to_pylist()
+        cfgs = {"run": RunConfig(retries=0), "beam": BeamConfig(),
+                "embed": EmbedConfig(model=args.model, checkpoint=ckpt,
+                                     batch_size=args.batch_size, threads=args.threads)}
+        base = plain_loop(args.model, ckpt, rows, args.batch_size)
+        t0 = time.perf_counter()
+        report = run_stage("embed", root, cfgs)
+        stage_wall = time.perf_counter() - t0
+        assert report.ok, report.failed
+        compute = read_manifest(root, "embed", "00000").timings["compute_s"]
+        base_again = plain_loop(args.model, ckpt, rows, args.batch_size)  # noise check
+    items = 2 * args.docs
+    loop = min(base, base_again)
+    print(f"embed {args.docs} docs ({args.model}, batch {args.batch_size}, {args.threads} thread(s))")
+    print(f"  plain open_clip loop : {items / loop:8.1f} items/s ({base:.2f}s, again {base_again:.2f}s)")
+    print(f"  stage, shard compute : {items / compute:8.1f} items/s ({compute:.2f}s)  "
+          f"ratio {loop / compute:.2f}x")
+    print(f"  stage, whole Beam run: {items / stage_wall:8.1f} items/s ({stage_wall:.2f}s)  "
+          f"ratio {loop / stage_wall:.2f}x  (goal >= 0.87)")
+
+
+if __name__ == "__main__":
+    main()
