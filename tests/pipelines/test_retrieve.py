@@ -208,3 +208,29 @@ def test_retriever_for_inference_uses_the_index_encoder(real_root):
     assert len(keys) == 2 and "000000000" not in keys and scores[0] >= scores[1]
     (img_keys, _), = r.by_image([entity_image(3, 64)], k=3)
     assert len(img_keys) == 3
+
+
+def test_retrieval_eval_stage_writes_table4_json(real_root):
+    import json
+
+    from pipelines.retrieval_eval import RetrievalEvalConfig, show_retrieval_eval
+    from tests.factories import NAMES, entity_image
+
+    coco = real_root.join("coco")
+    real_root.makedirs(coco + "/images")
+    images, anns = [], []
+    for i in range(3):
+        entity_image(i, 64, seed=100 + i).save(f"{coco}/images/{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        anns += [{"id": 10 * i + j, "image_id": i, "caption": f"the {NAMES[i]} view {j}"}
+                 for j in range(2)]
+    with open(f"{coco}/captions_val.json", "w") as f:
+        json.dump({"images": images, "annotations": anns,
+                   "racm3_entities": {str(i): NAMES[i] for i in range(3)}}, f)
+    cfgs = configs(retrieval_eval=RetrievalEvalConfig(coco="coco/captions_val.json"))
+    for stage in ("embed", "index", "retrieval-eval"):
+        assert run_stage(stage, real_root, cfgs).ok
+    out = json.loads(open(real_root.artifact("retrieval-eval", "main", "json")).read())
+    assert out["n_images"] == 3 and out["chance"]["R@1"] == round(100 / 3, 2)
+    assert set(out["memory_entity_hit"]) == {"text_query", "image_query"}
+    assert "text_to_mixture" in show_retrieval_eval(real_root)
