@@ -1,0 +1,40 @@
+# The README's commands. Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: install demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# img2dataset pins the Python 3.6 `dataclasses` backport; in Prefect's server process
+	# (uvicorn --app-dir site-packages) it shadows the stdlib module and the server cannot start.
+	$(BIN)/python -m pip uninstall -y -q dataclasses || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/racm3 demo
+
+test: install
+	$(BIN)/pytest -m "not slow"
+
+test-all: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check storage pipelines model flows tests benchmarks
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) data bench-out
