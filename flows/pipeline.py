@@ -16,7 +16,7 @@ log = logging.getLogger("racm3")
 # (stage, extra overrides) in pipeline order; stages not registered yet are left out.
 PLAN: list[tuple[str, tuple[str, ...]]] = [
     ("demo", ()), ("filter", ()), ("download", ()), ("fit-clip", ()), ("fit-vqgan", ()),
-    ("embed", ()), ("tokenize", ()), ("index", ()), ("retrieve", ()),
+    ("embed", ()), ("tokenize", ()), ("index", ()), ("retrieval-eval", ()), ("retrieve", ()),
     ("train", ("train.variant=\"ra-cm3\"",)), ("train", ("train.variant=\"vanilla\"",)),
     ("evaluate", ()),
 ]
