@@ -115,7 +115,7 @@ def keep_indices(n: int, drop: float, seed: int) -> np.ndarray:
 
 
 def create_clip(model_name: str, checkpoint: str | None = None,
-                device: str = "cpu") -> tuple[nn.Module, Any, Any, Any]:
+                device: str = "cpu") -> tuple[Any, Any, Any, Any]:
     """(model, train transform, eval transform, tokenizer); random init when no checkpoint."""
     check_model_name(model_name)
     if checkpoint is not None and not os.path.isfile(checkpoint):
@@ -145,9 +145,10 @@ class EncoderInfo:
 class DocEncoder:
     """Encodes captions, images and mixed documents into L2-normalised CLIP embeddings."""
 
-    def __init__(self, model: nn.Module, preprocess: Any, tokenizer: Any, info: EncoderInfo,
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, info: EncoderInfo,
                  device: str = "cpu", batch_size: int = 64):
-        self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, tokenizer
+        self.model: Any = model.eval()  # an open_clip CLIP (attributes mypy cannot see)
+        self.preprocess, self.tokenizer = preprocess, tokenizer
         self.info, self.device, self.batch_size = info, device, batch_size
         self._patch_drop = self._install_patch_drop()
 

@@ -165,14 +165,16 @@ def dropout_queries(encoder: DocEncoder, base: Queries, keys: list[str], caption
                 vecs = encoder.encode_image(images, cfg.drop_fraction, seeds)  # type: ignore[arg-type]
             out.append(Queries(docs, np.full(len(docs), m), np.full(len(docs), v), vecs))
     if not out:
-        return Queries(*(np.zeros(0, np.int64) for _ in range(3)), np.zeros((0, base.vecs.shape[1])))
-    return Queries(*(np.concatenate([getattr(o, f) for o in out])
-                     for f in ("doc", "modality", "variant", "vecs")))
+        none = np.zeros(0, np.int64)
+        return Queries(none, none, none, np.zeros((0, base.vecs.shape[1]), np.float32))
+    return Queries(np.concatenate([o.doc for o in out]), np.concatenate([o.modality for o in out]),
+                   np.concatenate([o.variant for o in out]), np.concatenate([o.vecs for o in out]))
 
 
 def concat(a: Queries, b: Queries) -> Queries:
-    parts = [np.concatenate([getattr(a, f), getattr(b, f)]) for f in ("doc", "modality", "variant")]
-    return ordered(Queries(*parts, np.concatenate([a.vecs, b.vecs.astype(np.float32)])))
+    return ordered(Queries(np.concatenate([a.doc, b.doc]), np.concatenate([a.modality, b.modality]),
+                           np.concatenate([a.variant, b.variant]),
+                           np.concatenate([a.vecs, b.vecs.astype(np.float32)])))
 
 
 def rows_for(index: LoadedIndex, qs: Queries, keys: np.ndarray, sha: np.ndarray,
