@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -23,6 +24,10 @@ from storage.manifest import list_manifests, upstream_ref
 from storage.schemas import IMAGE_SHARD, SUCCESS
 
 log = logging.getLogger(__name__)
+# img2dataset's Resizer silences C-level output by dup2-ing /dev/null over fds 1 and 2 around each
+# image. Two shards resizing at once in one process (Prefect's thread pool) interleave the
+# save/restore and leave the process writing to /dev/null for good, so resizes take turns.
+_RESIZE_LOCK = threading.Lock()
 CARRY = ["racm3_key", "pwatermark", "punsafe", "similarity"]
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 
@@ -74,13 +79,24 @@ def img2dataset_shard(urls: pa.Table, cfg: DownloadConfig, workdir: str) -> pa.T
                       resize_only_if_bigger=False, encode_quality=cfg.encode_quality,
                       min_image_size=cfg.min_image_size)
     downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=cfg.threads,
+        sample_writer_class=ParquetSampleWriter, resizer=_SerialResizer(resizer), thread_count=cfg.threads,
         save_caption=True, extract_exif=False, output_folder=out, column_list=columns,
         timeout=cfg.timeout, number_sample_per_shard=max(urls.num_rows, 1), oom_shard_count=5,
         compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=None)
     downloader.download_shard((0, shard_file))
     return pq.read_table(os.path.join(out, "00000.parquet"))
+
+
+class _SerialResizer:
+    """img2dataset's Resizer behind a process-wide lock (see _RESIZE_LOCK)."""
+
+    def __init__(self, resizer: object):
+        self.resizer = resizer
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        with _RESIZE_LOCK:
+            return self.resizer(*args, **kwargs)  # type: ignore[operator]
 
 
 def to_image_shard(raw: pa.Table, urls: pa.Table) -> pa.Table:

@@ -106,3 +106,21 @@ def test_metadata_is_deterministic_by_seed(small_demo, tmp_path):
     other = DataRoot(str(tmp_path / "other"))
     run(other, overrides, "demo")
     assert pq.read_table(metadata_path(root)).equals(pq.read_table(metadata_path(other)))
+
+
+def test_concurrent_shards_keep_stdout_and_stderr(served):
+    """img2dataset's resizer swaps fds 1/2 per image; concurrent shards must not leave /dev/null."""
+    import concurrent.futures
+
+    from pipelines.registry import get_stage
+    from pipelines.stage import execute_shard
+
+    root, cfgs, overrides = served
+    run(root, overrides, "filter")
+    before = [os.fstat(fd).st_ino for fd in (1, 2)]
+    stage = get_stage("download")
+    specs = stage.plan(root, cfgs["download"])
+    assert len(specs) >= 2
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        list(pool.map(lambda s: execute_shard(stage, root, cfgs["download"], s), specs))
+    assert [os.fstat(fd).st_ino for fd in (1, 2)] == before
