@@ -58,12 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lineage", help="ancestry of a shard or artifact, back to the metadata rows")
     data_root_arg(p)
     p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute")
+
+    p = sub.add_parser("decode", help="write a document's image and its VQGAN reconstruction to a PNG")
+    p.add_argument("key", help="document key (see `racm3 inspect \"select key from tokenize\"`)")
+    data_root_arg(p)
+    config_args(p)
+    p.add_argument("--out", help="PNG path (default <key>.png)")
+
+    p = sub.add_parser("recall", help="retrieval recall@1/3/5 on the held-out split (Table 4)")
+    data_root_arg(p)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "racm3,pipelines")  # stage logs in the UI
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -173,7 +183,7 @@ def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> st
         import io
 
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")
         w.writerow(columns)
         w.writerows([[_cell(v) for v in r] for r in rows])
         return buf.getvalue().rstrip("\n")
@@ -214,8 +224,31 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    from pipelines.registry import load_config
+    from pipelines.tokenize import decode_key
+    from storage.fs import DataRoot
+
+    cfgs = load_config(args.preset, args.config_file, args.overrides)
+    try:
+        out = decode_key(DataRoot(args.data_root), cfgs, args.key, args.out or f"{args.key}.png")
+    except KeyError as e:
+        print(f"racm3: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(out)
+    return 0
+
+
+def cmd_recall(args: argparse.Namespace) -> int:
+    from pipelines.retrieval_eval import show_retrieval_eval
+    from storage.fs import DataRoot
+
+    print(show_retrieval_eval(DataRoot(args.data_root)))
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "inspect": cmd_inspect,
-            "lineage": cmd_lineage}
+            "lineage": cmd_lineage, "decode": cmd_decode, "recall": cmd_recall}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,7 +51,7 @@ def run_steps(plan: list[tuple[str, tuple[str, ...]]], data_root: str, preset: s
     return reports
 
 
-@flow(name="racm3-demo")
+@flow(name="racm3-end-to-end-demo")
 def demo_flow(data_root: str = "data", seed: int = 0, until: str | None = None,
               preset: str = "demo", config_file: str | None = None,
               overrides: list[str] | None = None, force: bool = False) -> list[dict]:
@@ -69,7 +69,7 @@ def demo_flow(data_root: str = "data", seed: int = 0, until: str | None = None,
     return [r.to_dict() for r in reports]
 
 
-@flow(name="racm3-pipeline")
+@flow(name="racm3-end-to-end")
 def pipeline_flow(data_root: str = "data", until: str | None = None, preset: str = "paper",
                   config_file: str | None = None, overrides: list[str] | None = None,
                   force: bool = False) -> list[dict]:

@@ -103,7 +103,9 @@ def _manifests(root: DataRoot, stage: str) -> list[Manifest]:
 
 
 def _make_flow(stage_name: str):
-    @flow(name=f"racm3-{stage_name}", task_runner=ThreadPoolTaskRunner(max_workers=2))
+    flow_name = "racm3-demo-data" if stage_name == "demo" else f"racm3-{stage_name}"
+
+    @flow(name=flow_name, task_runner=ThreadPoolTaskRunner(max_workers=2))
     def stage_flow(data_root: str = "data", preset: str = "demo", config_file: str | None = None,
                    overrides: list[str] | None = None, force: bool = False) -> dict:
         cfgs = load_config(preset, config_file, overrides)
@@ -114,5 +116,16 @@ def _make_flow(stage_name: str):
 
 
 STAGE_FLOWS = {name: _make_flow(name) for name in STAGES}
-# Module-level names so prefect.yaml entrypoints can point at them (flows/stages.py:filter_flow).
-globals().update({f"{n.replace('-', '_')}_flow": f for n, f in STAGE_FLOWS.items()})
+
+# Module-level names for prefect.yaml entrypoints (flows/stages.py:filter_flow).
+demo_data_flow = STAGE_FLOWS["demo"]
+filter_flow = STAGE_FLOWS["filter"]
+download_flow = STAGE_FLOWS["download"]
+fit_clip_flow = STAGE_FLOWS["fit-clip"]
+fit_vqgan_flow = STAGE_FLOWS["fit-vqgan"]
+embed_flow = STAGE_FLOWS["embed"]
+tokenize_flow = STAGE_FLOWS["tokenize"]
+index_flow = STAGE_FLOWS["index"]
+retrieval_eval_flow = STAGE_FLOWS["retrieval-eval"]
+retrieve_flow = STAGE_FLOWS["retrieve"]
+train_flow = STAGE_FLOWS["train"]
