@@ -83,11 +83,11 @@ def asset_key(root: DataRoot, stage: str) -> str:
 def record_asset(root: DataRoot, stage_name: str) -> None:
     """Declare the stage's folder as a Prefect asset, with its upstream stages as dependencies."""
     try:
-        from prefect.assets import materialize
+        from prefect.assets import Asset, materialize
     except ImportError:  # older Prefect: manifests remain the lineage of record
         return
     upstream = sorted({i.stage for m in _manifests(root, stage_name) for i in m.inputs if i.stage})
-    deps = [asset_key(root, u) for u in upstream]
+    deps: list[Asset | str] = [asset_key(root, u) for u in upstream]
 
     def _noop() -> None:
         return None
@@ -105,13 +105,12 @@ def _manifests(root: DataRoot, stage: str) -> list[Manifest]:
 def _make_flow(stage_name: str):
     flow_name = "racm3-demo-data" if stage_name == "demo" else f"racm3-{stage_name}"
 
-    @flow(name=flow_name, task_runner=ThreadPoolTaskRunner(max_workers=2))
+    @flow(name=flow_name, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
     def stage_flow(data_root: str = "data", preset: str = "demo", config_file: str | None = None,
                    overrides: list[str] | None = None, force: bool = False) -> dict:
         cfgs = load_config(preset, config_file, overrides)
         return run_stage_in_flow(stage_name, DataRoot(data_root), cfgs, force).to_dict()
 
-    stage_flow.__name__ = f"{stage_name.replace('-', '_')}_flow"
     return stage_flow
 
 

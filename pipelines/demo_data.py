@@ -255,7 +255,9 @@ def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     seen = sorted(counts)
     chosen = rng.choice(seen, size=min(cfg.eval_images, len(seen)), replace=False)
-    images, annotations, entity_of = [], [], {}
+    images: list[dict] = []
+    annotations: list[dict] = []
+    entity_of: dict[int, str] = {}
     for image_id, ent_id in enumerate(sorted(int(c) for c in chosen), start=1):
         side = cfg.min_side
         img, bg = render(entities[ent_id], rng, side, side)
@@ -303,7 +305,7 @@ class DemoDataStage(Stage):
         ctx.write_table(table.drop_columns(["kind", "entity"]))
         with open(ctx.output_path("truth.parquet"), "wb") as f:
             pq.write_table(table.select(["URL", "kind", "entity"]), f)
-        kinds = dict(zip(*np.unique(table["kind"].to_numpy(zero_copy_only=False), return_counts=True)))
+        kinds = dict(zip(*np.unique(table["kind"].to_numpy(zero_copy_only=False), return_counts=True), strict=True))
         return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={
             "rows_by_kind": {str(k): int(v) for k, v in kinds.items()},
             "entities": len(entities), "eval_images": len(coco["images"]),

@@ -110,11 +110,12 @@ def resolve_columns(names: list[str], cfg: FilterConfig, where: str) -> dict[str
     return out
 
 
-def _q(col: str) -> str:
+def _q(col: str | None) -> str:
+    assert col is not None, "required column resolved"
     return '"' + col.replace('"', '""') + '"'
 
 
-def select_sql(cols: dict[str, str | None], unsafe_is_text: bool) -> str:
+def select_sql(cols: dict[str, str | None], unsafe_is_text: bool) -> str:  # noqa: D401
     """One row per input row with its drop reason (NULL = kept); the first failing rule wins."""
     def col(name: str, cast: str) -> str:
         c = cols[name]

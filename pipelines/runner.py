@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.registry import get_stage
-from pipelines.stage import Stage, ShardSpec, execute_shard, shard_states
+from pipelines.stage import ShardSpec, Stage, execute_shard, shard_states
 from storage.fs import DataRoot
 from storage.manifest import Manifest
 

@@ -6,7 +6,6 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.stages import STAGE_FLOWS, shard_task
-from pipelines.registry import load_config
 from pipelines.runner import StageReport
 from storage.manifest import list_manifests
 
