@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "retrieval-eval": "pipelines.retrieval_eval:RetrievalEvalStage",
     "retrieve": "pipelines.retrieve:RetrieveStage",
     "train": "pipelines.train:TrainStage",
+    "evaluate": "pipelines.evaluate:EvaluateStage",
 }
 
 # Config sections: section name -> dataclass.
@@ -37,6 +38,7 @@ SECTIONS: dict[str, str] = {
     "retrieval_eval": "pipelines.retrieval_eval:RetrievalEvalConfig",
     "retrieve": "pipelines.retrieve:RetrieveConfig",
     "train": "pipelines.train:TrainConfig",
+    "evaluate": "pipelines.evaluate:EvaluateConfig",
 }
 
 
