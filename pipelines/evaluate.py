@@ -128,7 +128,7 @@ def read_split(root: DataRoot, coco: str, image_dir: str = "",
             caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
     dirs = ([resolve(root, image_dir)] if image_dir
             else [posixpath.join(posixpath.dirname(path), "images"), posixpath.dirname(path)])
-    items = []
+    items: list[SplitItem] = []
     for im in data.get("images", []):
         if max_images and len(items) >= max_images:
             break
@@ -364,7 +364,7 @@ def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: EvaluateConfi
 def retrieval_baseline(setup: Setup, ex: Example) -> None:
     """The paper's baseline: the top document retrieved with the prompt is the output."""
     if ex.by_caption and ex.by_caption[0] in setup.memory:
-        _, img = setup.vocab.decode(setup.memory[ex.by_caption[0]])
+        _, img = setup.vocab.decode(setup.memory[ex.by_caption[0]].tolist())
         ex.images["retrieval-baseline"] = decode_codes(setup, np.asarray([img]))[0]
     if ex.by_image:
         ex.captions["retrieval-baseline"] = setup.memory_captions.get(ex.by_image[0], "")
@@ -409,8 +409,8 @@ def perplexity_metrics(setup: Setup, examples: list[Example], variant: str,
     """Table 5: image ppl given documents retrieved by the caption, caption ppl given documents
     retrieved by the image; RA-CM3 also without retrieval. Zero-token results are left out."""
     held = [HeldOutExample(setup.vocab.encode(ex.caption_ids, ex.codes),
-                           by_caption=[setup.memory[x] for x in ex.by_caption if x in setup.memory],
-                           by_image=[setup.memory[x] for x in ex.by_image if x in setup.memory])
+                           by_caption=[list(setup.memory[x]) for x in ex.by_caption if x in setup.memory],
+                           by_image=[list(setup.memory[x]) for x in ex.by_image if x in setup.memory])
             for ex in examples if ex.caption_ids]
     runs = {"": variant == "ra-cm3"} | ({" (no retrieval)": False} if variant == "ra-cm3" else {})
     out: dict[str, Any] = {}

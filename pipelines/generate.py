@@ -17,6 +17,8 @@ from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, INFILL, PAD, Vocab
 from model.sampling import sample
 from model.transformer import Transformer
 
+Doc = Sequence[int] | np.ndarray  # one encoded document (Vocab.encode), list or array
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -27,7 +29,7 @@ class Sampling:
     top_p: float = 1.0  # nucleus mass (1 = all)
 
 
-def with_context(context: Sequence[Sequence[int]], main: list[int]) -> tuple[list[int], list[int]]:
+def with_context(context: Sequence[Doc], main: list[int]) -> tuple[list[int], list[int]]:
     """(ids, positions) of m1..mK followed by the main document's prefix; positions restart per
     document, as in training (`sequences.assemble`)."""
     docs = [[int(x) for x in d] for d in context] + [main]
@@ -37,14 +39,14 @@ def with_context(context: Sequence[Sequence[int]], main: list[int]) -> tuple[lis
 
 
 def text_to_image_prompt(vocab: Vocab, caption_ids: Sequence[int],
-                         context: Sequence[Sequence[int]] = ()) -> tuple[list[int], list[int]]:
+                         context: Sequence[Doc] = ()) -> tuple[list[int], list[int]]:
     """m1..mK then `<img alt="` caption `" src="`: the model continues with image codes."""
     main = [IMG_OPEN, *(int(c) + vocab.text_offset for c in caption_ids), IMG_SRC]
     return with_context(context, main)
 
 
 def image_to_text_prompt(vocab: Vocab, image_codes: Sequence[int],
-                         context: Sequence[Sequence[int]] = ()) -> tuple[list[int], list[int]]:
+                         context: Sequence[Doc] = ()) -> tuple[list[int], list[int]]:
     """m1..mK then the main document with its caption as span 0, in CM3 infilling form:
     `<img alt="` <mask:0> `" src="` image `">` <infill> <mask:0>; the model fills in the caption
     and ends it with <eos> (what `mask_spans(doc, [(0, len(caption))])` trains)."""
@@ -62,7 +64,7 @@ def _batch(ids: list[int], positions: list[int], n: int, device: torch.device
 
 
 def generate_images(model: Transformer, vocab: Vocab, caption_ids: Sequence[int], grid: int,
-                    n: int, context: Sequence[Sequence[int]] = (), params: Sampling = Sampling(),
+                    n: int, context: Sequence[Doc] = (), params: Sampling = Sampling(),
                     generator: torch.Generator | None = None) -> np.ndarray:
     """(n, grid*grid) raw codebook indices sampled for one caption (only image ids are allowed,
     exactly grid*grid of them; `">` closes the document afterwards)."""
@@ -76,7 +78,7 @@ def generate_images(model: Transformer, vocab: Vocab, caption_ids: Sequence[int]
 
 
 def generate_captions(model: Transformer, vocab: Vocab, image_codes: Sequence[int], m: int,
-                      max_tokens: int, context: Sequence[Sequence[int]] = (),
+                      max_tokens: int, context: Sequence[Doc] = (),
                       params: Sampling = Sampling(),
                       generator: torch.Generator | None = None) -> list[list[int]]:
     """m sampled captions (raw text ids, cut at <eos>) for one image, via the infilling prompt."""
@@ -95,8 +97,8 @@ def generate_captions(model: Transformer, vocab: Vocab, image_codes: Sequence[in
 
 @torch.no_grad()
 def caption_nll(model: Transformer, vocab: Vocab, image_codes: Sequence[int],
-                captions: Sequence[Sequence[int]],
-                context: Sequence[Sequence[int]] = ()) -> list[float]:
+                captions: Sequence[Doc],
+                context: Sequence[Doc] = ()) -> list[float]:
     """Mean NLL per token of each caption (its <eos> included) in the infilling prompt; the
     reranking score of image->text (lowest = lowest perplexity). An empty caption gets inf."""
     ids, pos = image_to_text_prompt(vocab, image_codes, context)

@@ -118,14 +118,15 @@ def memory_image(setup: Setup, key: str) -> Image.Image | None:
 
     if key not in setup.memory:
         return None
-    _, codes = setup.vocab.decode(setup.memory[key])
+    _, codes = setup.vocab.decode(setup.memory[key].tolist())
     return decode_codes(setup, np.asarray([codes]))[0]
 
 
 def text_to_image_row(setup: Setup, ex: Example) -> Image.Image:
     """Retrieved documents' images (by the caption), then each model's kept image, then the real one."""
     tiles = [thumb(memory_image(setup, k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
-    tiles += [thumb(ex.images.get(m), m) for m in ("ra-cm3", "vanilla", "retrieval-baseline")]
+    tiles += [thumb(ex.images.get(m), label) for m, label in
+              (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"), ("retrieval-baseline", "baseline"))]
     return row_image(tiles + [thumb(ex.real, "real")])
 
 
