@@ -104,7 +104,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       overrides=args.overrides, force=args.force)
     reports = [StageReport.from_dict(d) for d in dicts]
     print_summary(reports, args.data_root, title="racm3 demo")
+    print_report_location(args.data_root)
     return EXIT_FAILED if any(r.failed for r in reports) else 0
+
+
+def print_report_location(data_root: str) -> None:
+    from storage.fs import DataRoot
+
+    root = DataRoot(data_root)
+    path = root.artifact("evaluate", "main", "report.html")
+    if root.exists(path):
+        print(f"report: {root.url(path)}  (Markdown beside it; metrics: "
+              f"{root.url(root.artifact('evaluate', 'main', 'metrics.json'))})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

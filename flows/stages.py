@@ -73,6 +73,30 @@ def publish(report: StageReport, root: DataRoot, stage_name: str) -> None:
     key = "racm3-" + "".join(c if c.isalnum() else "-" for c in stage_name.lower())
     create_table_artifact(table=rows, key=key, description=f"racm3 `{stage_name}` shard and row counts")
     record_asset(root, stage_name)
+    if stage_name == "evaluate" and not report.failed:
+        publish_evaluation(root)
+
+
+def publish_evaluation(root: DataRoot) -> None:
+    """The metrics table (one row per model) and a link to the HTML report."""
+    import json
+
+    from prefect.artifacts import create_link_artifact
+
+    from pipelines.evaluate import report_path
+
+    path = root.artifact("evaluate", "main", "metrics.json")
+    if not root.exists(path):
+        return
+    with root.fs.open(path, "r") as f:
+        models = json.load(f)["models"]
+    table = [{"model": name, **{k: v for k, v in m.items() if not k.endswith("_n")}}
+             for name, m in models.items()]
+    create_table_artifact(table=table, key="racm3-metrics",
+                          description="RA-CM3 vs vanilla CM3 vs retrieval baseline (held-out split)")
+    url = root.url(report_path(root))
+    create_link_artifact(link=url if "://" in url else "file://" + url, key="racm3-report",
+                         link_text="racm3 evaluation report (HTML)")
 
 
 def asset_key(root: DataRoot, stage: str) -> str:
@@ -128,3 +152,4 @@ index_flow = STAGE_FLOWS["index"]
 retrieval_eval_flow = STAGE_FLOWS["retrieval-eval"]
 retrieve_flow = STAGE_FLOWS["retrieve"]
 train_flow = STAGE_FLOWS["train"]
+evaluate_flow = STAGE_FLOWS["evaluate"]
