@@ -309,7 +309,9 @@ def checkpoint_shape(state: dict[str, torch.Tensor]) -> tuple[int, int]:
         kind = "Gumbel" if "quantize.embed.weight" in state else "unknown"
         raise CheckpointError(f"checkpoint has no `quantize.embedding.weight` ({kind} quantizer); "
                               "only taming's VectorQuantizer VQGANs are supported")
-    levels = {int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")}
+    # The decoder has num_res_blocks + 1 blocks on every level, so each level shows up in its keys
+    # (an encoder with num_res_blocks = 0 has no keys on its last level).
+    levels = {int(k.split(".")[2]) for k in state if k.startswith(("decoder.up.", "encoder.down."))}
     return state["quantize.embedding.weight"].shape[0], 2 ** (max(levels, default=0))
 
 
