@@ -9,6 +9,7 @@ from model.vqgan import (
     CheckpointError,
     Expect,
     VQGANConfig,
+    checkpoint_shape,
     load_checkpoint,
     save_checkpoint,
     state_fingerprint,
@@ -113,3 +114,15 @@ def test_training_pass_has_gradients(model, images):
     recon, qloss, codes = m(images)
     (recon.abs().mean() + qloss).backward()
     assert m.encoder.conv_in.weight.grad is not None and m.quantize.embedding.weight.grad is not None
+
+
+def test_factor_of_model_without_level_blocks(tmp_path):
+    """num_res_blocks=0 leaves the encoder's last level without keys; the factor comes from the decoder."""
+    cfg = VQGANConfig(resolution=16, ch=8, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(),
+                      z_channels=8, embed_dim=4, n_embed=16, norm_groups=4)
+    m = VQGAN(cfg)
+    assert checkpoint_shape(m.state_dict()) == (16, 4)
+    path = str(tmp_path / "rb0.ckpt")
+    save_checkpoint(m, path)
+    assert load_checkpoint(path, expect=Expect(n_embed=16, factor=4)).encode(torch.zeros(1, 3, 16, 16)).shape \
+        == (1, 4, 4)
