@@ -38,6 +38,7 @@ class FitClipConfig(StageConfig):
     max_steps: int = 3000  # stop earlier when reached
     batch_size: int = 128  # contrastive batch (more negatives per step)
     lr: float = 2e-3  # AdamW peak learning rate
+    token_lr: float = 1e-2  # SparseAdam peak lr of the token embedding table (0 = keep it frozen)
     weight_decay: float = 0.1  # AdamW weight decay
     warmup_steps: int = 30  # linear warm-up, then cosine over max_steps
     seed: int = 0  # init, batching and hold-out draw
@@ -49,6 +50,7 @@ class FitClipConfig(StageConfig):
         self.check(self.seconds > 0, "seconds", "must be > 0")
         self.check(self.max_steps >= 1, "max_steps", "must be >= 1")
         self.check(self.batch_size >= 2, "batch_size", "contrastive loss needs >= 2 per batch")
+        self.check(self.token_lr >= 0, "token_lr", "must be >= 0 (0 = frozen token embeddings)")
         self.check(0 < self.holdout_fraction < 1, "holdout_fraction", "must be in (0, 1)")
 
 
@@ -94,41 +96,62 @@ def build_corpus(caps: list[str], jpgs: list[bytes], preprocess: Any, tokenizer:
     return Corpus(torch.stack(ims), tokenizer(caps), caps, jpgs)
 
 
-def lr_at(step: int, cfg: FitClipConfig) -> float:
+def lr_scale(step: int, cfg: FitClipConfig) -> float:
+    """Linear warm-up, then cosine decay over max_steps: a factor on each optimizer's peak lr."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def optimizers(model: Any, cfg: FitClipConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for the towers; the token table is trained sparsely (SparseAdam) or frozen.
+
+    A dense update of the 49408 x width BPE table would cost every step more than the towers; a
+    sparse gradient touches only the few hundred tokens a batch uses. Learned rows let the text
+    tower tell the demo's pseudo-word entity names apart (frozen random rows: text->image R@5 -6
+    points and entity hit@1 -6..14 points at equal steps, measured on the demo).
+    """
+    emb = model.token_embedding
+    if cfg.token_lr <= 0:
+        emb.requires_grad_(False)
+    else:
+        emb.sparse = True  # nn.Embedding then yields sparse gradients
+    rest = [p for p in model.parameters() if p.requires_grad and p is not emb.weight]
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    if cfg.token_lr > 0:
+        opts.append(torch.optim.SparseAdam([emb.weight], lr=cfg.token_lr))
+    return opts
 
 
 def train(model: Any, data: Corpus, cfg: FitClipConfig) -> dict[str, Any]:
     """Contrastive steps until the time or step budget runs out; returns training stats."""
     g = torch.Generator().manual_seed(cfg.seed)
-    # A frozen random token table is still a unique code per BPE token, and it spares every step a
-    # dense gradient and an AdamW update over its vocab x width (49408 x 96) entries.
-    model.token_embedding.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opts = optimizers(model, cfg)
+    peaks = [o.param_groups[0]["lr"] for o in opts]
     loss_fn, n = ClipLoss(), len(data.captions)
     bs = min(cfg.batch_size, n)
     model.train()
     t0, step, losses = time.time(), 0, []
     while step < cfg.max_steps and time.time() - t0 < cfg.seconds:
         idx = torch.randperm(n, generator=g)[:bs]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        for opt, peak in zip(opts, peaks, strict=True):
+            opt.param_groups[0]["lr"] = peak * lr_scale(step, cfg)
         img_f = model.encode_image(data.images[idx], normalize=True)  # (B, D)
         txt_f = model.encode_text(data.tokens[idx], normalize=True)  # (B, D)
         loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop does
         losses.append(float(loss.detach()))
         step += 1
         if step % 50 == 0:
             log.info("fit-clip step %d loss %.3f (%.0fs)", step, np.mean(losses[-50:]), time.time() - t0)
+    model.token_embedding.sparse = False
     model.eval()
     return {"steps": step, "train_seconds": round(time.time() - t0, 1),
             "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None}

@@ -99,3 +99,17 @@ def test_decode_image_returns_none_for_bad_bytes():
     assert decode_image(b"<html>not an image</html>") is None
     assert decode_image(None) is None
     assert decode_image(jpeg_bytes(entity_image(0, 32))).size == (32, 32)
+
+
+def test_demo_config_avg_pools_over_the_kept_patches_only(tmp_path):
+    torch.manual_seed(0)
+    model, *_ = create_clip("racm3-demo")
+    path = tmp_path / "demo.pt"
+    torch.save(model.state_dict(), path)
+    enc = DocEncoder.load("racm3-demo", str(path), "racm3-demo@test", batch_size=4)
+    assert enc.model.visual.pool_type == "avg"
+    imgs = [entity_image(1, 64), entity_image(2, 64)]
+    full = enc.encode_image(imgs)
+    a = enc.encode_image(imgs, 0.2, [1, 2])  # the mean over the kept patches moves with the seed
+    np.testing.assert_allclose(a, enc.encode_image(imgs, 0.2, [1, 2]), rtol=1e-6)
+    assert not np.allclose(a, enc.encode_image(imgs, 0.2, [3, 4])) and not np.allclose(a, full)

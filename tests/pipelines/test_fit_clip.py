@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
-from model.clip_encoder import DocEncoder
+from model.clip_encoder import DocEncoder, create_clip
 from pipelines.fit_clip import FitClipConfig, checkpoint_path
 from pipelines.retrieval_eval import load_coco, table4
 from pipelines.runner import run_stage
@@ -29,6 +30,29 @@ def test_fit_clip_writes_checkpoint_and_heldout_recall(tmp_path):
     enc = DocEncoder.load("racm3-tiny", checkpoint_path(root))  # weights_only load of the output
     np.testing.assert_allclose(np.linalg.norm(enc.encode_text(["a photo"]), axis=1), 1.0, rtol=1e-5)
     assert run_stage("fit-clip", root, configs(fit_clip=cfg)).skipped == ["model"]
+
+
+def test_token_table_trains_sparsely_only_on_corpus_tokens(tmp_path):
+    root = DataRoot(str(tmp_path / "data"))
+    make_download_shard(root, "00000", n=16, size=64)
+    torch.manual_seed(0)
+    before = create_clip("racm3-demo")[0].token_embedding.weight.detach().clone()
+    cfg = FitClipConfig(model="racm3-demo", seconds=30, max_steps=2, batch_size=8, token_lr=1e-2)
+    assert run_stage("fit-clip", root, configs(fit_clip=cfg)).ok
+    after = torch.load(checkpoint_path(root), weights_only=True)["token_embedding.weight"]
+    changed = (after != before).any(dim=1)  # (vocab,) rows the SparseAdam steps touched
+    assert 0 < int(changed.sum()) < 200  # the captions' few BPE tokens, not the 49408-row table
+
+
+def test_frozen_token_table_when_token_lr_is_zero(tmp_path):
+    root = DataRoot(str(tmp_path / "data"))
+    make_download_shard(root, "00000", n=16, size=64)
+    torch.manual_seed(0)
+    before = create_clip("racm3-demo")[0].token_embedding.weight.detach().clone()
+    cfg = FitClipConfig(model="racm3-demo", seconds=30, max_steps=2, batch_size=8, token_lr=0.0)
+    assert run_stage("fit-clip", root, configs(fit_clip=cfg)).ok
+    after = torch.load(checkpoint_path(root), weights_only=True)["token_embedding.weight"]
+    assert torch.equal(after, before)
 
 
 def test_table4_on_a_coco_split(tmp_path):
