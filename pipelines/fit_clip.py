@@ -1,6 +1,6 @@
 """Stage `fit-clip`: fit a tiny open_clip model contrastively on the download shards (demo bootstrap).
 
-No pretrained CLIP exists offline, so the demo fits `racm3-tiny` with open_clip's ClipLoss for a
+No pretrained CLIP exists offline, so the demo fits `racm3-demo` with open_clip's ClipLoss for a
 bounded wall time. Real runs skip this stage and point `embed.checkpoint` at real weights.
 """
 
@@ -37,8 +37,8 @@ class FitClipConfig(StageConfig):
     seconds: float = 90.0  # wall-time budget for training
     max_steps: int = 3000  # stop earlier when reached
     batch_size: int = 128  # contrastive batch (more negatives per step)
-    lr: float = 2e-3  # AdamW peak learning rate
-    token_lr: float = 1e-2  # SparseAdam peak lr of the token embedding table (0 = keep it frozen)
+    lr: float = 1e-3  # AdamW peak learning rate (2e-3 generalised worse on the demo)
+    token_lr: float = 0.1  # SparseAdam peak lr of the token embedding table (0 = keep it frozen)
     weight_decay: float = 0.1  # AdamW weight decay
     warmup_steps: int = 30  # linear warm-up, then cosine over max_steps
     seed: int = 0  # init, batching and hold-out draw
@@ -109,8 +109,8 @@ def optimizers(model: Any, cfg: FitClipConfig) -> list[torch.optim.Optimizer]:
 
     A dense update of the 49408 x width BPE table would cost every step more than the towers; a
     sparse gradient touches only the few hundred tokens a batch uses. Learned rows let the text
-    tower tell the demo's pseudo-word entity names apart (frozen random rows: text->image R@5 -6
-    points and entity hit@1 -6..14 points at equal steps, measured on the demo).
+    tower tell the demo's pseudo-word entity names apart; they need a high lr (measured on the
+    demo, 450 steps: text-query entity hit@1 51.5 at token_lr 0.01, 62 at 0.1).
     """
     emb = model.token_embedding
     if cfg.token_lr <= 0:
