@@ -54,7 +54,8 @@ class VQGANConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQGANConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kwargs)
 
 
 PRESETS: dict[str, VQGANConfig] = {
@@ -175,8 +176,9 @@ class Encoder(nn.Module):
         h = self.conv_in(x)  # (B, ch, R, R)
         for level in self.down:
             h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            down = getattr(level, "downsample", None)  # absent on the last level (taming's layout)
+            if down is not None:
+                h = down(h)
         return self.conv_out(swish(self.norm_out(self.mid(h))))  # (B, z, R/f, R/f)
 
 
@@ -204,8 +206,9 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            up = getattr(level, "upsample", None)  # absent on the finest level
+            if up is not None:
+                h = up(h)
         return self.conv_out(swish(self.norm_out(h)))  # (B, 3, R, R)
 
 

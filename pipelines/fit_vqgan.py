@@ -108,7 +108,9 @@ def is_holdout(key: str, fraction: float) -> bool:
 
 def read_downloads(ctx: ShardContext, cfg: FitVQGANConfig) -> tuple[np.ndarray, np.ndarray, int]:
     """(train images, held-out images, undecodable count) from every input download shard."""
-    train, held, bad = [], [], 0
+    train: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    bad = 0
     for i in range(len(ctx.spec.inputs)):
         t = ctx.read_input(i, ["key", "status", "jpg"]).to_pydict()
         for key, status, jpg in zip(t["key"], t["status"], t["jpg"], strict=True):
