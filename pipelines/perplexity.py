@@ -75,9 +75,9 @@ def heldout_examples(corpus: Corpus, limit: int | None = None) -> list[HeldOutEx
         lists = corpus.neighbours.get(key, {})
 
         def docs(query: str, key: str = key, lists: dict = lists) -> list[Sequence[int]]:
-            return [corpus.docs[n] for n in lists.get((query, 0), []) if n in corpus.docs and n != key]
+            return [list(corpus.docs[n]) for n in lists.get((query, 0), []) if n in corpus.docs and n != key]
 
-        out.append(HeldOutExample(corpus.docs[key], by_caption=docs("text"), by_image=docs("image")))
+        out.append(HeldOutExample(list(corpus.docs[key]), by_caption=docs("text"), by_image=docs("image")))
     return out
 
 

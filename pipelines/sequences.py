@@ -108,7 +108,7 @@ def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int
     variants = sorted(v for q, v in lists if q == query)
     dropout = [v for v in variants if v > 0] or variants  # training uses query dropout (§3.2)
     chosen = lists[(query, dropout[rng.integers(len(dropout))])]
-    out = []
+    out: list[str] = []
     for nk in chosen:
         if len(out) == k:
             break
@@ -202,9 +202,10 @@ def draw_unit(rng: np.random.Generator, key: str, corpus: Corpus, cfg: AssemblyC
     counts[f"k{k}"] += 1
     neighbours = choose_neighbours(rng, key, corpus, k, cfg.random_neighbours, counts)
     main = maybe_mask(rng, corpus.docs[key], corpus.vocab, cfg)
-    retrieved, main = fit_unit([corpus.docs[n] for n in neighbours], main, cfg, counts)
-    if main is None:
+    retrieved, fitted = fit_unit([corpus.docs[n] for n in neighbours], main, cfg, counts)
+    if fitted is None:
         return None
+    main = fitted
     counts["retrieved_docs"] += len(retrieved)
     return assemble(retrieved, main, cfg.alpha, key)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -242,8 +242,9 @@ def read_token_meta(root: DataRoot) -> TokenMeta:
             raise ValueError(f"token shards disagree on {diff[0]}: tokenize/{ms[0].shard_id} has "
                              f"{first[diff[0]]!r}, tokenize/{m.shard_id} has {m.metrics.get(diff[0])!r}; "
                              "tokens from different codebooks never mix: re-run `racm3 run tokenize`")
-    return TokenMeta(Vocab(first["n_text"], first["n_image"]), first["codebook"],
-                     first["text_tokenizer"], first["grid"], tuple(m.shard_id for m in ms))
+    f: dict[str, Any] = first  # values come from JSON manifests written by this stage
+    return TokenMeta(Vocab(int(f["n_text"]), int(f["n_image"])), str(f["codebook"]),
+                     str(f["text_tokenizer"]), int(f["grid"]), tuple(m.shard_id for m in ms))
 
 
 def find_token_row(root: DataRoot, key: str) -> tuple[str, dict]:

@@ -221,9 +221,10 @@ def make_trainer(cfg: TrainConfig, workdir: str, callbacks: list[Any]) -> L.Trai
     ckpt = ModelCheckpoint(dirpath=f"{workdir}/checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint_every)
     devices: Any = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
+    precision: Any = resolve_precision(cfg.precision)  # a string Lightning validates itself
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=devices,
-        strategy=cfg.strategy, precision=resolve_precision(cfg.precision),
+        strategy=cfg.strategy, precision=precision,
         gradient_clip_val=cfg.grad_clip, logger=loggers(workdir),
         callbacks=[ckpt, LearningRateMonitor("step"), *callbacks],
         log_every_n_steps=cfg.log_every, enable_progress_bar=cfg.progress_bar,
