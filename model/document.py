@@ -118,3 +118,23 @@ def _check_range(ids: list[int], n: int, what: str, space: str) -> None:
     bad = [x for x in ids if not 0 <= x < n]
     if bad:
         raise DocumentError(f"{what} {bad[0]} outside the {space} of size {n}")
+
+
+def positions(doc: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Position of each token of one document: 0 at the document start, and 0 again at its
+    `" src="` marker, so image token i sits at position i + 1 whatever the caption's length.
+
+    Retrieved renderings of an entity then put each image token at the same position as the
+    main document's, and rotary attention can copy it by relative position 0; with positions
+    counted from the document start they would shift with every caption length.
+    """
+    ids = np.asarray(doc)
+    idx = np.arange(len(ids))
+    start = np.maximum.accumulate(np.where(ids == IMG_SRC, idx, 0)) if len(ids) else idx
+    return (idx - start).astype(np.int64)
+
+
+def sequence_positions(docs: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+    """`positions` of consecutive documents, restarting in each."""
+    parts = [positions(d) for d in docs]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)

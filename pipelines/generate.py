@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, INFILL, PAD, Vocab
+from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
 from model.sampling import sample
 from model.transformer import Transformer
 
@@ -34,7 +34,7 @@ def with_context(context: Sequence[Doc], main: list[int]) -> tuple[list[int], li
     document, as in training (`sequences.assemble`)."""
     docs = [[int(x) for x in d] for d in context] + [main]
     ids = [x for d in docs for x in d]
-    positions = [p for d in docs for p in range(len(d))]
+    positions = sequence_positions(docs).tolist()
     return ids, positions
 
 

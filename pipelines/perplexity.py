@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.document import Vocab
+from model.document import Vocab, sequence_positions
 from model.transformer import Transformer
 from pipelines.sequences import Corpus, load_corpus
 from pipelines.train import load_trained
@@ -36,7 +36,7 @@ def scored_nll(model: Transformer, docs: list[Sequence[int]], vocab: Vocab,
                modality: int) -> tuple[float, int]:
     """Summed NLL of the last document's tokens of one modality, given the documents before it."""
     ids = torch.tensor(np.concatenate([np.asarray(d) for d in docs]), dtype=torch.long)[None]
-    pos = torch.tensor(np.concatenate([np.arange(len(d)) for d in docs]))[None]
+    pos = torch.tensor(sequence_positions(docs))[None]
     device = next(model.parameters()).device
     logits, _ = model(ids[:, :-1].to(device), pos[:, :-1].to(device))  # (1, T-1, V)
     nll = F.cross_entropy(logits[0].float(), ids[0, 1:].to(device), reduction="none")  # (T-1,)

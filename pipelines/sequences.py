@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.document import EOS, INFILL, PAD, Vocab
+from model.document import EOS, INFILL, PAD, Vocab, sequence_positions
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
 from storage.shards import read_table
@@ -174,7 +174,7 @@ def assemble(retrieved: list[np.ndarray], main: np.ndarray, alpha: float, key: s
                            + [np.full(len(main), ROLE_MAIN, np.int8)])
     weights = np.where(roles == ROLE_MAIN, 1.0, alpha).astype(np.float32)
     return Unit(ids=np.concatenate(docs).astype(np.int64),
-                positions=np.concatenate([np.arange(len(d)) for d in docs]).astype(np.int64),
+                positions=sequence_positions(docs),
                 weights=weights, roles=roles, key=key)
 
 

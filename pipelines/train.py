@@ -330,7 +330,7 @@ class TrainStage(Stage):
     """One shard per variant; its inputs are every token shard (and neighbour shard for RA-CM3)."""
 
     name = "train"
-    version = "1"
+    version = "2"  # 2: positions restart at the image marker too (model.document.positions)
     section = "train"
     engine = "local"
     description = "train RA-CM3 or vanilla CM3 (Lightning) on token and neighbour shards"

@@ -5,7 +5,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, DocumentError, Vocab
+from model.document import (
+    EOS,
+    IMG_CLOSE,
+    IMG_OPEN,
+    IMG_SRC,
+    DocumentError,
+    Vocab,
+    positions,
+    sequence_positions,
+)
 
 V = Vocab(n_text=100, n_image=64, n_sentinels=4)
 
@@ -88,3 +97,15 @@ def test_missing_bpe_file_names_it(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nope.json"):
         load_text_tokenizer(str(tmp_path / "nope.json"))
+
+
+def test_image_tokens_sit_at_the_same_positions_whatever_the_caption_length():
+    v = Vocab(n_text=50, n_image=16)
+    short, long = v.encode([1], [3, 4, 5, 6]), v.encode([1, 2, 3, 4, 5], [3, 4, 5, 6])
+    img = lambda d: positions(d)[np.asarray(d) >= v.image_offset]  # noqa: E731
+    assert img(short).tolist() == img(long).tolist() == [1, 2, 3, 4]
+    assert positions(long)[0] == 0 and positions(long)[long.index(IMG_SRC)] == 0
+    both = sequence_positions([short, long])
+    assert both.tolist() == positions(short).tolist() + positions(long).tolist()
+    text_only = v.encode([7, 8], None)
+    assert positions(text_only).tolist() == [0, 1, 2, 0, 1, 2]

@@ -85,4 +85,5 @@ def test_caption_nll_matches_a_plain_forward_and_empty_is_inf(model):
 
 def test_prompt_without_context_starts_at_the_document():
     ids, pos = text_to_image_prompt(VOCAB, CAP)
-    assert ids[0] == IMG_OPEN and pos == list(range(len(ids)))
+    # the prompt ends at `" src="`, where positions restart for the image tokens
+    assert ids[0] == IMG_OPEN and pos == [*range(len(ids) - 1), 0]

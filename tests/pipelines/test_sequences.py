@@ -7,7 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from model.document import EOS, IMG_OPEN, INFILL, Vocab
+from model.document import EOS, IMG_OPEN, IMG_SRC, INFILL, Vocab, positions
 from pipelines.sequences import (
     ROLE_MAIN,
     ROLE_PAD,
@@ -36,8 +36,9 @@ def root(tmp_path):
 
 
 def doc_bounds(unit):
-    """Start offsets of each document in a unit (positions restart at 0 there)."""
-    return list(np.flatnonzero(unit.positions == 0))
+    """Start offsets of each document in a unit (positions restart at 0 there, and again at the
+    image marker, which is not a document start)."""
+    return list(np.flatnonzero((unit.positions == 0) & (unit.ids != IMG_SRC)))
 
 
 def test_load_corpus_reads_tokens_and_neighbours(root):
@@ -157,8 +158,9 @@ def test_packing_counts_and_overlong_rules(root):
     assert counts["sequences"] == len(seqs) == 6 and counts["main_docs"] == 16  # 3 docs each
     assert counts["pad_tokens"] == 6 * cfg.seq_len - 16 * doc_len
     assert all(len(s["ids"]) == cfg.seq_len for s in seqs)
-    # positions restart in every document
-    assert np.array_equal(seqs[0]["positions"][:doc_len + 2], [*range(doc_len), 0, 1])
+    # positions restart in every document (and at its image marker)
+    first = seqs[0]["ids"][:doc_len]
+    assert np.array_equal(seqs[0]["positions"][:doc_len + 2], [*positions(first), 0, 1])
     short = AssemblyConfig(seq_len=10, k_max=2, mask_prob=0)
     c2 = load_corpus(root, with_neighbours=True)
     counts = Counter()
