@@ -49,8 +49,14 @@ def walk(root: DataRoot, path: str, max_depth: int = 20) -> Node:
     return node
 
 
-def render(node: Node, depth: int = 0) -> list[str]:
-    """A tree, one artifact a line: path, stage/shard, rows and digest, the row range read."""
+def render(node: Node, depth: int = 0, seen: set[str] | None = None) -> list[str]:
+    """A tree, one artifact a line: path, stage/shard, rows and digest, the row range read.
+    An artifact reached again (a shard read by several stages) is shown once, then marked."""
+    seen = set() if seen is None else seen
+    prefix = "  " * (depth - 1) + "└ " if depth else ""
+    if node.label in seen and node.parents:
+        return [f"{prefix}{node.label} (ancestry shown above)"]
+    seen.add(node.label)
     m = node.manifest
     bits = [node.label]
     if m is not None:
@@ -60,9 +66,9 @@ def render(node: Node, depth: int = 0) -> list[str]:
         bits.append("[external input]")
     if node.detail:
         bits.append("reads " + ", ".join(f"{k}={v}" for k, v in node.detail.items()))
-    lines = [("  " * (depth - 1) + "└ " if depth else "") + " ".join(bits)]
+    lines = [prefix + " ".join(bits)]
     for p in node.parents:
-        lines += render(p, depth + 1)
+        lines += render(p, depth + 1, seen)
     return lines
 
 
