@@ -48,6 +48,8 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is left intact."""
 
 
+DEFAULT_THREADS = torch.get_num_threads()  # captured at import, before any stage pins threads
+
 @dataclass(frozen=True)
 class TrainConfig(StageConfig):
     """Section [train]: what to train (variant, model, data assembly) and how (optimizer, devices)."""
@@ -84,7 +86,7 @@ class TrainConfig(StageConfig):
     devices: str = "auto"  # Lightning devices ("auto", "1", "0,1")
     strategy: str = "auto"  # Lightning strategy ("auto", "ddp", "fsdp")
     num_workers: int = 0  # data loader worker processes (0: assemble in the training process)
-    threads: int = 0  # torch CPU threads; 0 = torch's default (1 avoids stalls on shared cores)
+    threads: int = 0  # torch CPU threads; 0 = torch's start-up default (1 avoids stalls on shared cores)
     checkpoint_every: int = 100  # steps between checkpoints (last.ckpt is overwritten)
     log_every: int = 10  # steps between logged rows
     progress_bar: bool = True  # show Lightning's progress bar
@@ -269,8 +271,9 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
     start = resume_step(ckpt_path)
     if ckpt_path:
         log.info("train/%s: resuming from %s at step %d", cfg.variant, last, start)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    # 0 = torch's default as it was at start-up: earlier stages in the same process (fit-clip,
+    # tokenize under `racm3 demo`) pin 1 thread, which would otherwise halve training speed.
+    torch.set_num_threads(cfg.threads if cfg.threads > 0 else DEFAULT_THREADS)
     L.seed_everything(cfg.seed, verbose=False)
     module = CM3Module(mcfg.to_dict(), cfg.params())
     stream = SequenceStream(corpus, cfg.assembly(seq_len), seed=cfg.seed, start_epoch=start)
