@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from prefect import flow, task
@@ -14,7 +15,7 @@ from pipelines.registry import STAGES, get_stage, load_config
 from pipelines.runner import StageReport, collect, pending
 from pipelines.stage import ShardSpec, Stage, execute_shard
 from storage.fs import DataRoot
-from storage.manifest import Manifest
+from storage.manifest import Manifest, list_manifests
 
 log = logging.getLogger("racm3")
 
@@ -39,8 +40,6 @@ def beam_task(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
 def run_stage_in_flow(stage_name: str, root: DataRoot, cfgs: dict[str, Any],
                       force: bool = False) -> StageReport:
     """The body every stage flow shares (called inside a flow run)."""
-    import time
-
     t0 = time.time()
     stage = get_stage(stage_name)
     cfg = cfgs[stage.section or stage_name]
@@ -110,7 +109,7 @@ def record_asset(root: DataRoot, stage_name: str) -> None:
         from prefect.assets import Asset, materialize
     except ImportError:  # older Prefect: manifests remain the lineage of record
         return
-    upstream = sorted({i.stage for m in _manifests(root, stage_name) for i in m.inputs if i.stage})
+    upstream = sorted({i.stage for m in list_manifests(root, stage_name) for i in m.inputs if i.stage})
     deps: list[Asset | str] = [asset_key(root, u) for u in upstream]
 
     def _noop() -> None:
@@ -118,12 +117,6 @@ def record_asset(root: DataRoot, stage_name: str) -> None:
 
     materialize(asset_key(root, stage_name), asset_deps=deps,
                 name=f"asset:{stage_name}", cache_policy=NO_CACHE)(_noop)()
-
-
-def _manifests(root: DataRoot, stage: str) -> list[Manifest]:
-    from storage.manifest import list_manifests
-
-    return list_manifests(root, stage)
 
 
 def _make_flow(stage_name: str):

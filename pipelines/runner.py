@@ -11,7 +11,7 @@ from typing import Any
 from pipelines.registry import get_stage
 from pipelines.stage import ShardSpec, Stage, execute_shard, shard_states
 from storage.fs import DataRoot
-from storage.manifest import Manifest
+from storage.manifest import Manifest, read_manifest
 
 log = logging.getLogger("racm3")
 
@@ -117,8 +117,6 @@ def run_local(stage: Stage, root: DataRoot, cfg: Any, todo: list[ShardSpec],
 
 
 def collect(report: StageReport, stage: Stage, root: DataRoot, specs: list[ShardSpec]) -> None:
-    from storage.manifest import read_manifest
-
     for spec in specs:
         m = read_manifest(root, stage.name, spec.shard_id)
         if m is not None:
