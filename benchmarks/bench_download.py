@@ -12,10 +12,10 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipelines.demo_data import www_dir  # noqa: E402
-from pipelines.demo_server import serve_directory  # noqa: E402
-from pipelines.registry import load_config  # noqa: E402
-from pipelines.runner import run_stage  # noqa: E402
+from pipelines.core.registry import load_config  # noqa: E402
+from pipelines.core.runner import run_stage  # noqa: E402
+from pipelines.demo.paths import www_dir  # noqa: E402
+from pipelines.demo.server import serve_directory  # noqa: E402
 from storage.fs import DataRoot  # noqa: E402
 
 

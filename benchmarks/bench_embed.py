@@ -23,9 +23,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.clip_encoder import create_clip  # noqa: E402
-from pipelines.embed import EmbedConfig  # noqa: E402
-from pipelines.runconfig import BeamConfig, RunConfig  # noqa: E402
-from pipelines.runner import run_stage  # noqa: E402
+from pipelines.core.runconfig import BeamConfig, RunConfig  # noqa: E402
+from pipelines.core.runner import run_stage  # noqa: E402
+from pipelines.retrieval.embed import EmbedConfig  # noqa: E402
 from storage.fs import DataRoot  # noqa: E402
 from storage.manifest import read_manifest  # noqa: E402
 from storage.shards import read_table  # noqa: E402

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.registry import load_config
-from pipelines.runner import run_stage
+from pipelines.core.registry import load_config
+from pipelines.core.runner import run_stage
 from storage.fs import DataRoot
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from model.vqgan import VQGAN
-from pipelines.fit_vqgan import FitVQGANConfig, VQGANModule, fit, patch_centres
+from pipelines.demo.fit_vqgan import FitVQGANConfig, VQGANModule, fit, patch_centres
 
 
 def plain_steps(cfg: FitVQGANConfig, images: np.ndarray, centres: torch.Tensor, steps: int) -> float:
     """Steps/s of the stage's training step and optimizer in a bare loop (no Lightning)."""
-    from pipelines.fit_vqgan import assign
+    from pipelines.demo.fit_vqgan import assign
 
     module = VQGANModule(VQGAN(cfg.vqgan()), cfg)
     opt = torch.optim.Adam(module.model.parameters(), lr=cfg.lr)

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.index import LoadedIndex  # noqa: E402
-from pipelines.retrieve import Queries, RetrieveConfig, rows_for  # noqa: E402
+from pipelines.retrieval.faiss_index import LoadedIndex  # noqa: E402
+from pipelines.retrieval.retrieve import Queries, RetrieveConfig, rows_for  # noqa: E402
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 2000) -> np.ndarray:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.document import Vocab  # noqa: E402
 from model.sampling import sample  # noqa: E402
 from model.transformer import Transformer, preset  # noqa: E402
-from pipelines.generate import text_to_image_prompt  # noqa: E402
+from pipelines.evaluation.generate import text_to_image_prompt  # noqa: E402
 
 
 @torch.no_grad()

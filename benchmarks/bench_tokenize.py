@@ -15,12 +15,14 @@ import time
 import numpy as np
 import torch
 
+from model.images import load_image, to_tensor
 from model.text_tokenizer import train_bpe
 from model.vqgan import VQGAN, save_checkpoint
-from pipelines.fit_vqgan import FitVQGANConfig, load_image, to_tensor
-from pipelines.runconfig import BeamConfig, RunConfig
-from pipelines.runner import run_stage
-from pipelines.tokenize import TokenizeConfig, load_tokenizers
+from pipelines.core.runconfig import BeamConfig, RunConfig
+from pipelines.core.runner import run_stage
+from pipelines.demo.fit_vqgan import FitVQGANConfig
+from pipelines.tokens.tokenize import TokenizeConfig
+from pipelines.tokens.tokenizers import load_tokenizers
 from storage.fs import DataRoot
 from storage.shards import read_table
 from tests.factories import make_download_shard

@@ -26,8 +26,14 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 from model.document import Vocab
 from model.transformer import Transformer, preset
-from pipelines.sequences import AssemblyConfig, Corpus, SequenceStream, collate, longest_unit
-from pipelines.train import CM3Module, lr_lambda, sequence_losses
+from pipelines.training.sequences import (
+    AssemblyConfig,
+    Corpus,
+    SequenceStream,
+    collate,
+    longest_unit,
+)
+from pipelines.training.train import CM3Module, lr_lambda, sequence_losses
 
 
 def synthetic_corpus(n_docs: int = 2000, caption: int = 8, image: int = 64, seed: int = 0) -> Corpus:

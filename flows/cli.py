@@ -67,7 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recall", help="retrieval recall@1/3/5 on the held-out split (Table 4)")
     data_root_arg(p)
+    for name in PLUGINS:
+        plugin(name).add_parser(sub)
     return ap
+
+
+# Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
+# subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
+PLUGINS: tuple[str, ...] = ()
+
+
+def plugin(name: str):
+    import importlib
+
+    return importlib.import_module(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "faiss.loader", "apache_beam", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from pipelines.config import ConfigError
+    from pipelines.core.config import ConfigError
 
     try:
-        return COMMANDS[args.command](args)
+        run = COMMANDS.get(args.command) or args.run
+        return run(args)
     except ConfigError as e:
         print(f"racm3: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -94,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.pipeline import demo_flow, steps
     from flows.summary import print_summary
-    from pipelines.registry import load_config
-    from pipelines.runner import StageReport
+    from pipelines.core.registry import load_config
+    from pipelines.core.runner import StageReport
 
     load_config(args.preset, args.config_file, args.overrides)  # fail fast on a bad config
     steps(args.until)
@@ -120,8 +134,8 @@ def print_report_location(data_root: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.summary import print_summary
-    from pipelines.registry import get_stage, load_config
-    from pipelines.runner import StageReport, run_stage
+    from pipelines.core.registry import get_stage, load_config
+    from pipelines.core.runner import StageReport, run_stage
     from storage.fs import DataRoot
 
     get_stage(args.stage)
@@ -142,8 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.registry import STAGES, get_stage, load_config
-    from pipelines.stage import shard_states
+    from pipelines.core.registry import STAGES, get_stage, load_config
+    from pipelines.core.stage import shard_states
     from storage.fs import DataRoot
 
     cfgs, root = load_config(args.preset, args.config_file, args.overrides), DataRoot(args.data_root)
@@ -153,7 +167,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name in STAGES:
         stage = get_stage(name)
         try:
-            states = shard_states(stage, root, cfgs[stage.section or name])
+            states = shard_states(stage, root, cfgs[stage.section])
         except (FileNotFoundError, ValueError) as e:
             t.add_row(name, "-", "-", "-", "-", f"waiting: {str(e)[:70]}")
             continue
@@ -236,8 +250,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from pipelines.registry import load_config
-    from pipelines.tokenize import decode_key
+    from pipelines.core.registry import load_config
+    from pipelines.tokens.tokenize import decode_key
     from storage.fs import DataRoot
 
     cfgs = load_config(args.preset, args.config_file, args.overrides)
@@ -251,7 +265,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_recall(args: argparse.Namespace) -> int:
-    from pipelines.retrieval_eval import show_retrieval_eval
+    from pipelines.retrieval.recall import show_retrieval_eval
     from storage.fs import DataRoot
 
     print(show_retrieval_eval(DataRoot(args.data_root)))

@@ -7,8 +7,8 @@ import logging
 from prefect import flow
 
 from flows.stages import STAGE_FLOWS
-from pipelines.registry import STAGES, load_config
-from pipelines.runner import StageReport
+from pipelines.core.registry import STAGES, load_config
+from pipelines.core.runner import StageReport
 from storage.fs import DataRoot
 
 log = logging.getLogger("racm3")
@@ -56,8 +56,8 @@ def demo_flow(data_root: str = "data", seed: int = 0, until: str | None = None,
               preset: str = "demo", config_file: str | None = None,
               overrides: list[str] | None = None, force: bool = False) -> list[dict]:
     """Generate the demo data, serve it on 127.0.0.1, and run every stage up to `until`."""
-    from pipelines.demo_data import www_dir
-    from pipelines.demo_server import serve_directory
+    from pipelines.demo.paths import www_dir
+    from pipelines.demo.server import serve_directory
 
     overrides = [f"demo.seed={seed}", *(overrides or [])]
     cfgs = load_config(preset, config_file, overrides)

@@ -11,9 +11,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.registry import STAGES, get_stage, load_config
-from pipelines.runner import StageReport, collect, pending
-from pipelines.stage import ShardSpec, Stage, execute_shard
+from pipelines.core.registry import STAGES, get_stage, load_config
+from pipelines.core.runner import StageReport, collect, pending
+from pipelines.core.stage import ShardSpec, Stage, execute_shard
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
 
@@ -32,7 +32,7 @@ def shard_task(stage_name: str, root: DataRoot, cfg: Any, spec: ShardSpec,
 def beam_task(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
               beam_cfg: Any) -> dict[str, str]:
     """A Beam stage's stale shards as one Beam pipeline (the runner decides where they run)."""
-    from pipelines.beam_runner import run_on_beam
+    from pipelines.core.beam import run_on_beam
 
     return run_on_beam(stage, root, cfg, specs, beam_cfg)
 
@@ -42,7 +42,7 @@ def run_stage_in_flow(stage_name: str, root: DataRoot, cfgs: dict[str, Any],
     """The body every stage flow shares (called inside a flow run)."""
     t0 = time.time()
     stage = get_stage(stage_name)
-    cfg = cfgs[stage.section or stage_name]
+    cfg = cfgs[stage.section]
     root.clean_tmp(stage_name)
     todo, done = pending(stage, root, cfg, force)
     report = StageReport(stage_name, skipped=done)
@@ -82,7 +82,7 @@ def publish_evaluation(root: DataRoot) -> None:
 
     from prefect.artifacts import create_link_artifact
 
-    from pipelines.evaluate import report_path
+    from pipelines.evaluation.evaluate import report_path
 
     path = root.artifact("evaluate", "main", "metrics.json")
     if not root.exists(path):

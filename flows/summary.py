@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.runner import StageReport
+from pipelines.core.runner import StageReport
 
 
 def summary_table(reports: list[StageReport], title: str = "racm3 run") -> Table:

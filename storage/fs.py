@@ -38,6 +38,10 @@ class DataRoot:
         """Filesystem path (no protocol) of `parts` under the root."""
         return posixpath.join(self.path, *parts)
 
+    def resolve(self, path: str) -> str:
+        """A config path: absolute or a URL as given, otherwise relative to the root."""
+        return path if "://" in path or path.startswith("/") else self.join(path)
+
     def url(self, path: str) -> str:
         """Full URL of a filesystem path (what users and DuckDB see)."""
         return path if self.is_local else self.fs.unstrip_protocol(path)

@@ -35,3 +35,7 @@ IMAGE_SHARD = pa.schema([
 ])
 
 SUCCESS = "success"
+
+# fit-vqgan's two artifacts: fit-vqgan/vqgan.ckpt (taming-layout VQGAN) and fit-vqgan/bpe.json.
+VQGAN_SHARD, BPE_SHARD = "vqgan", "bpe"
+VQGAN_SUFFIX, BPE_SUFFIX = "ckpt", "json"

@@ -31,8 +31,8 @@ def root(tmp_path) -> DataRoot:
 @pytest.fixture
 def small_demo(tmp_path):
     """(root, cfgs, overrides) for a tiny generated demo whose URLs use a free local port."""
-    from pipelines.registry import load_config
-    from pipelines.runner import run_stage
+    from pipelines.core.registry import load_config
+    from pipelines.core.runner import run_stage
 
     overrides = [*SMALL_DEMO, f"demo.port={free_port()}"]
     cfgs = load_config("demo", overrides=overrides)
@@ -45,8 +45,8 @@ def small_demo(tmp_path):
 @pytest.fixture
 def served(small_demo):
     """The tiny demo with its HTTP server running on 127.0.0.1 for the test's duration."""
-    from pipelines.demo_data import www_dir
-    from pipelines.demo_server import serve_directory
+    from pipelines.demo.paths import www_dir
+    from pipelines.demo.server import serve_directory
 
     r, cfgs, overrides = small_demo
     with serve_directory(www_dir(r), "127.0.0.1", cfgs["demo"].port):

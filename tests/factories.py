@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines.stage import ShardResult, ShardSpec, Stage, execute_shard
+from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard
 from storage.fs import DataRoot
 from storage.schemas import IMAGE_SHARD
 

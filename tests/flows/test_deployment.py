@@ -27,7 +27,7 @@ def test_every_entrypoint_is_a_flow_and_parameters_match():
         assert set(d.get("parameters", {})) <= accepted, d["name"]
         assert d["work_pool"]["name"] == "racm3" and d["schedules"][0]["cron"]
         names.add(d["name"])
-    from pipelines.registry import STAGES
+    from pipelines.core.registry import STAGES
 
     # one deployment per stage (train twice: one per variant), plus the end-to-end ones
     assert {n for n in STAGES if n != "demo"} <= {n.split("-ra-cm3")[0].split("-vanilla")[0]

@@ -6,7 +6,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.stages import STAGE_FLOWS, shard_task
-from pipelines.runner import StageReport
+from pipelines.core.runner import StageReport
 from storage.manifest import list_manifests
 
 
@@ -30,7 +30,7 @@ def test_filter_and_download_flows(harness, served):
 
 def test_shard_task_fn_runs_without_an_engine(small_demo):
     root, cfgs, _ = small_demo
-    from pipelines.filter import FilterStage
+    from pipelines.ingest.filter import FilterStage
 
     spec = FilterStage().plan(root, cfgs["filter"])[0]
     m = shard_task.fn("filter", root, cfgs["filter"], spec)

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipelines.stage import ShardResult, ShardSpec, Stage, execute_shard, shard_states
+from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard, shard_states
 from storage.fs import DataRoot
 from storage.manifest import InputRef, read_manifest, upstream_ref
 from storage.shards import read_table, shard_path, write_table

@@ -1,0 +1,1 @@
+"""Stage abstraction, driver, config and the stage registry."""

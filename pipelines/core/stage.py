@@ -1,0 +1,190 @@
+"""The stage abstraction: plan shards, skip the done ones, execute the rest under the shard contract.
+
+A stage is a pure function from input shards to one output shard. `execute_shard` is the one
+worker function that a test, a Beam DoFn and a Prefect task all call.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from storage.fs import DataRoot, file_digest
+from storage.manifest import (
+    InputRef,
+    Manifest,
+    code_version,
+    combined_digest,
+    fingerprint,
+    params_hash,
+    read_manifest,
+    write_manifest,
+)
+from storage.shards import read_table, write_table_tmp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: an output shard id and the inputs it is computed from."""
+
+    stage: str
+    shard_id: str
+    inputs: tuple[InputRef, ...]
+
+
+@dataclass
+class ShardResult:
+    """What `run_shard` reports besides the files it wrote."""
+
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class ShardContext:
+    """Handed to `run_shard`: input access and temp outputs that commit only on success."""
+
+    def __init__(self, root: DataRoot, spec: ShardSpec, cfg: Any):
+        self.root, self.spec, self.cfg = root, spec, cfg
+        self._pending: dict[str, str] = {}  # final path -> temp path
+
+    def input_path(self, i: int = 0) -> str:
+        p = self.spec.inputs[i].path
+        return p if "://" in p or p.startswith("/") else self.root.join(p)
+
+    def read_input(self, i: int = 0, columns: list[str] | None = None) -> pa.Table:
+        return read_table(self.root, self.input_path(i), columns)
+
+    def final_path(self, suffix: str) -> str:
+        return self.root.artifact(self.spec.stage, self.spec.shard_id, suffix)
+
+    def output_path(self, suffix: str) -> str:
+        """A temp path to write `<shard_id>.<suffix>` to (a file or a folder)."""
+        final = self.final_path(suffix)
+        self.root.makedirs(posixpath.dirname(final))
+        tmp = self.root.tmp_name(final)
+        self._pending[final] = tmp
+        return tmp
+
+    def write_table(self, table: pa.Table, suffix: str = "parquet") -> str:
+        final = self.final_path(suffix)
+        self._pending[final] = write_table_tmp(self.root, final, table)
+        return final
+
+    def commit(self) -> dict[str, str]:
+        """Rename every temp output into place; returns {relative path: digest}."""
+        outputs = {}
+        for final, tmp in self._pending.items():
+            if self.root.fs.exists(final) and self.root.fs.isdir(final):
+                self.root.fs.rm(final, recursive=True)
+            self.root.commit(tmp, final)
+            outputs[self.root.rel(final)] = file_digest(self.root.fs, final)
+        return outputs
+
+    def abort(self) -> None:
+        for tmp in self._pending.values():
+            if self.root.fs.exists(tmp):
+                self.root.fs.rm(tmp, recursive=True)
+
+
+class Stage:
+    """Base class of a stage. Subclasses set the class attributes and implement plan/run_shard."""
+
+    name: ClassVar[str]  # CLI name, Prefect flow `racm3-<name>`, manifest folder
+    config: ClassVar[type]  # its config dataclass; its section is derived from `name`
+    version: ClassVar[str] = "1"
+    section: ClassVar[str] = ""  # derived: `name` with "-" -> "_" (set by __init_subclass__)
+    engine: ClassVar[str] = "local"  # "local" (one task per shard) or "beam"
+    description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete stage: derive everything from its declaration
+            cls.section = cls.name.replace("-", "_")
+            if "config" in cls.__dict__:  # field names in config errors: `<section>.<field>`
+                cls.config.SECTION = cls.section
+
+    def plan(self, root: DataRoot, cfg: Any) -> list[ShardSpec]:
+        raise NotImplementedError
+
+    def load(self, cfg: Any) -> Any:
+        """Per-worker resources (a model); called once per worker, not once per shard."""
+        return None
+
+    def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
+        raise NotImplementedError
+
+    def params(self, cfg: Any) -> dict[str, Any]:
+        return cfg.params() if hasattr(cfg, "params") else {}
+
+    def fingerprint(self, cfg: Any, spec: ShardSpec) -> str:
+        return fingerprint(self.version, params_hash(self.params(cfg)), list(spec.inputs))
+
+
+@dataclass
+class ShardState:
+    spec: ShardSpec
+    fingerprint: str
+    state: str  # "done" | "stale" | "missing"
+
+
+def shard_states(stage: Stage, root: DataRoot, cfg: Any) -> list[ShardState]:
+    out = []
+    for spec in stage.plan(root, cfg):
+        fp = stage.fingerprint(cfg, spec)
+        m = read_manifest(root, stage.name, spec.shard_id)
+        if m is None or not all(root.exists(root.join(p)) for p in m.outputs):
+            state = "missing"
+        else:
+            state = "done" if m.fingerprint == fp else "stale"
+        out.append(ShardState(spec, fp, state))
+    return out
+
+
+def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
+                  resources: Any = None, flow_run_id: str | None = None) -> Manifest:
+    """Compute one shard, commit its outputs, then write its manifest (last)."""
+    t0 = time.time()
+    ctx = ShardContext(root, spec, cfg)
+    try:
+        result = stage.run_shard(ctx, resources)
+        t1 = time.time()
+        outputs = ctx.commit()
+    except BaseException:
+        ctx.abort()
+        raise
+    params = stage.params(cfg)
+    m = Manifest(
+        stage=stage.name, shard_id=spec.shard_id, stage_version=stage.version,
+        params_hash=params_hash(params), fingerprint=stage.fingerprint(cfg, spec),
+        code_version=code_version(), inputs=list(spec.inputs), outputs=outputs,
+        output_digest=combined_digest(outputs), rows_in=result.rows_in,
+        rows_out=result.rows_out, dropped=dict(result.dropped), metrics=result.metrics,
+        params=params, timings={"compute_s": round(t1 - t0, 4), "total_s": round(time.time() - t0, 4)},
+        flow_run_id=flow_run_id or current_flow_run_id(),
+    )
+    write_manifest(root, m)
+    return m
+
+
+def current_flow_run_id() -> str | None:
+    """The Prefect flow-run id when called under Prefect, else None (no import cost otherwise)."""
+    import sys
+
+    if "prefect" not in sys.modules:
+        return None
+    try:
+        from prefect.runtime import flow_run
+
+        rid = flow_run.id
+        return str(rid) if rid else None
+    except Exception:  # noqa: BLE001 - the id is best-effort metadata, never a reason to fail
+        return None

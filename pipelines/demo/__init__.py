@@ -1,0 +1,1 @@
+"""The embedded demo: generated data, its local server, and the tiny fitted models."""

@@ -1,0 +1,313 @@
+"""The embedded demo data set: LAION-like metadata whose URLs point at a local HTTP server.
+
+Several hundred named entities, each with its own look (a shape filled with a flag-like grid in
+its own palette), most of them rare (Zipf-like, a few documents each). The flag is centred and
+sized to the image's shorter side, so after img2dataset's centre crop it lands on the same token
+grid in every rendering: a retrieved rendering's tokens predict a new one's (DEMO-CALIBRATION.md).
+Rows that each filter must drop and URLs that fail are mixed in. A held-out split in COCO captions
+format shows the same entities in new renderings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pipelines.core.config import StageConfig
+from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from storage.fs import DataRoot
+
+log = logging.getLogger(__name__)
+
+GRID = 6  # flag cells per side; with a 3/4-side flag each cell is 1/8 of the image side
+PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
+    (255, 250, 200), (128, 0, 0), (170, 255, 195), (0, 0, 128),
+], dtype=np.int16)
+BACKGROUNDS = {"grey": (128, 128, 128), "sand": (194, 178, 128), "slate": (90, 100, 110),
+               "olive": (110, 110, 70), "cream": (235, 230, 210), "charcoal": (50, 50, 55),
+               "sky": (160, 190, 215), "moss": (90, 120, 80)}
+SHAPES = ("square", "disc", "diamond", "cross")
+TEMPLATES = (
+    "a photo of the {name}", "the {name} on a {bg} background", "{name}, {bg} backdrop",
+    "a picture showing a {name}", "close-up of the {name}", "an image of {name} against {bg}",
+    "the {name} emblem", "{name} in front of a {bg} wall", "a {name} pictured on {bg}",
+    "studio shot of the {name}",
+)
+SYLLABLES = ("ka", "zo", "ri", "vel", "mon", "ta", "qui", "dar", "sel", "po", "lun", "fex", "bri",
+             "nor", "tas", "gim", "ulo", "ren", "cha", "wy", "xan", "dop", "ile", "mur")
+
+
+@dataclass(frozen=True)
+class DemoDataConfig(StageConfig):
+    """Size and make-up of the generated demo data set (deterministic by seed)."""
+
+    seed: int = 0  # everything below is drawn from this seed
+    entities: int = 600  # named entities (the knowledge retrieval must supply)
+    zipf_a: float = 2.0  # entity frequency: documents per entity = 1 + Zipf(a), capped
+    max_docs_per_entity: int = 40  # cap on an entity's training documents
+    eval_images: int = 200  # held-out images in the COCO-format split (5 captions each)
+    dirty_fraction: float = 0.04  # share of rows of each filter-drop kind (watermark, unsafe, small)
+    failing_fraction: float = 0.015  # share of URLs of each failing kind (404, HTML, truncated JPEG)
+    min_side: int = 256  # shorter side of clean images (>= the download's min size)
+    max_side: int = 320  # longer side of clean images
+    host: str = "127.0.0.1"  # where the demo HTTP server listens (URLs in the metadata use it)
+    port: int = 18765  # fixed so that regenerating the metadata gives identical URLs
+
+    def __post_init__(self) -> None:
+        self.check(self.entities >= 2, "entities", "need at least 2 entities")
+        self.check(self.eval_images >= 1, "eval_images", "need at least 1 held-out image")
+        self.check(0 <= self.dirty_fraction < 0.3, "dirty_fraction", "must be in [0, 0.3)")
+        self.check(0 <= self.failing_fraction < 0.3, "failing_fraction", "must be in [0, 0.3)")
+        self.check(self.min_side <= self.max_side, "min_side", "must be <= max_side")
+        self.check(1 <= self.port <= 65535, "port", "must be a TCP port")
+        self.check(self.zipf_a > 1, "zipf_a", "must be > 1")
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    shape: str
+    palette: tuple[int, ...]  # indices into PALETTE
+    cells: np.ndarray  # (GRID, GRID) palette slot per cell
+
+
+def make_names(rng: np.random.Generator, n: int) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < n:
+        k = int(rng.integers(2, 4))
+        name = "".join(SYLLABLES[int(i)] for i in rng.integers(0, len(SYLLABLES), k))
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def make_entities(cfg: DemoDataConfig) -> list[Entity]:
+    rng = np.random.default_rng([cfg.seed, 1])
+    out = []
+    for name in make_names(rng, cfg.entities):
+        palette = tuple(int(i) for i in rng.choice(len(PALETTE), 4, replace=False))
+        cells = rng.integers(0, 4, size=(GRID, GRID))
+        out.append(Entity(name, SHAPES[int(rng.integers(len(SHAPES)))], palette, cells))
+    return out
+
+
+def shape_mask(shape: str) -> np.ndarray:
+    """(GRID, GRID) bool: which flag cells the shape covers."""
+    c = (GRID - 1) / 2
+    i, j = np.mgrid[0:GRID, 0:GRID]
+    if shape == "disc":
+        return (i - c) ** 2 + (j - c) ** 2 <= (c + 0.6) ** 2
+    if shape == "diamond":
+        return np.abs(i - c) + np.abs(j - c) <= c + 0.6
+    if shape == "cross":
+        return (np.abs(i - c) <= 1) | (np.abs(j - c) <= 1)
+    return np.ones((GRID, GRID), bool)
+
+
+def render(ent: Entity, rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, str]:
+    """One rendering: background colour + noise + a distractor, the entity's flag centred."""
+    bg_name = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    img = np.empty((h, w, 3), np.int16)
+    img[:] = BACKGROUNDS[bg_name]
+    img += rng.integers(-12, 13, size=(h, w, 1), dtype=np.int16)
+    side = min(w, h)
+    cell = side * 3 // 4 // GRID
+    x0, y0 = (w - cell * GRID) // 2, (h - cell * GRID) // 2
+    mask = shape_mask(ent.shape)
+    jitter = rng.integers(-10, 11, size=3)
+    for i in range(GRID):
+        for j in range(GRID):
+            if mask[i, j]:
+                colour = PALETTE[ent.palette[ent.cells[i, j]]] + jitter
+                img[y0 + i * cell: y0 + (i + 1) * cell, x0 + j * cell: x0 + (j + 1) * cell] = colour
+    out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    _distractor(out, rng, x0, y0, cell * GRID)
+    return out, bg_name
+
+
+def _distractor(img: Image.Image, rng: np.random.Generator, x0: int, y0: int, size: int) -> None:
+    """A small blob somewhere in the margin: varies position between renderings."""
+    w, h = img.size
+    r = max(4, min(x0, y0) // 3)
+    side = int(rng.integers(4))
+    t = float(rng.uniform(0.1, 0.9))
+    cx, cy = [(x0 // 2, int(t * h)), (w - x0 // 2, int(t * h)), (int(t * w), y0 // 2),
+              (int(t * w), h - y0 // 2)][side]
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+
+
+def caption(ent: Entity, bg: str, rng: np.random.Generator) -> str:
+    return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(name=ent.name, bg=bg)
+
+
+def jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def doc_counts(cfg: DemoDataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Training documents per entity: 1 + Zipf(a) capped, so most entities have 2-4."""
+    return 1 + np.minimum(rng.zipf(cfg.zipf_a, cfg.entities), cfg.max_docs_per_entity - 1)
+
+
+@dataclass
+class Row:
+    URL: str
+    TEXT: str
+    WIDTH: int
+    HEIGHT: int
+    pwatermark: float
+    punsafe: float
+    similarity: float
+    kind: str  # clean | watermark | unsafe | small | empty_caption | bad_scheme | 404 | html | truncated
+    entity: int
+
+
+class DemoWriter:
+    """Renders documents into the served folder and collects metadata rows."""
+
+    def __init__(self, cfg: DemoDataConfig, www: str, entities: list[Entity]):
+        self.cfg, self.www, self.entities = cfg, www, entities
+        self.rows: list[Row] = []
+        self.base = f"http://{cfg.host}:{cfg.port}"
+        os.makedirs(os.path.join(www, "img"), exist_ok=True)
+
+    def add(self, rng: np.random.Generator, ent_id: int, kind: str) -> None:
+        cfg, ent = self.cfg, self.entities[ent_id]
+        w, h = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, 2))
+        if kind == "small":
+            w, h = (int(v) for v in rng.integers(96, cfg.min_side, 2))
+        img, bg = render(ent, rng, w, h)
+        text = caption(ent, bg, rng)
+        if kind == "watermark":
+            _watermark(img)
+        name = f"img/{len(self.rows):07d}.jpg"
+        data = jpeg(img)
+        if kind == "truncated":
+            data = data[: len(data) // 3]
+        if kind == "html":
+            data = b"<!doctype html><html><body>Image not found</body></html>"
+        if kind != "404":
+            with open(os.path.join(self.www, name), "wb") as f:
+                f.write(data)
+        url = f"{self.base}/{name}" if kind != "bad_scheme" else f"ftp://{cfg.host}/{name}"
+        self.rows.append(Row(
+            URL=url, TEXT="" if kind == "empty_caption" else text, WIDTH=w, HEIGHT=h,
+            pwatermark=float(rng.uniform(0.6, 0.99) if kind == "watermark" else rng.beta(1, 8)),
+            punsafe=float(rng.uniform(0.6, 0.99) if kind == "unsafe" else rng.beta(1, 10)),
+            similarity=float(rng.uniform(0.27, 0.42)), kind=kind, entity=ent_id))
+
+
+def _watermark(img: Image.Image) -> None:
+    d = ImageDraw.Draw(img)
+    w, h = img.size
+    for y in range(10, h, 40):
+        d.text((10 + (y % 80), y), "(c) STOCKPHOTO  watermark", fill=(255, 255, 255))
+    d.line([(0, 0), (w, h)], fill=(255, 255, 255), width=3)
+    d.line([(0, h), (w, 0)], fill=(255, 255, 255), width=3)
+
+
+DIRTY_KINDS = ("watermark", "unsafe", "small")
+FAILING_KINDS = ("404", "html", "truncated")
+RARE_KINDS = ("empty_caption", "bad_scheme")
+
+
+def generate_metadata(cfg: DemoDataConfig, www: str) -> tuple[pa.Table, list[Entity]]:
+    """Render every training document into `www`; return the metadata table (LAION columns)."""
+    rng = np.random.default_rng([cfg.seed, 2])
+    entities = make_entities(cfg)
+    counts = doc_counts(cfg, rng)
+    kinds = [("clean", e) for e, c in enumerate(counts) for _ in range(int(c))]
+    n = len(kinds)
+    extra = {k: int(round(n * cfg.dirty_fraction)) for k in DIRTY_KINDS}
+    extra |= {k: int(round(n * cfg.failing_fraction)) for k in FAILING_KINDS}
+    extra |= {k: max(1, int(round(n * cfg.failing_fraction / 2))) for k in RARE_KINDS}
+    for kind, k in extra.items():
+        kinds += [(kind, int(e)) for e in rng.integers(0, cfg.entities, k)]
+    order = rng.permutation(len(kinds))
+    writer = DemoWriter(cfg, www, entities)
+    for idx in order:
+        kind, ent = kinds[idx]
+        writer.add(rng, ent, kind)
+    table = pa.Table.from_pylist([r.__dict__ for r in writer.rows])
+    return table, entities
+
+
+def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
+                  counts: dict[int, int]) -> dict:
+    """Held-out split: new renderings of training entities, 5 captions each, COCO captions JSON."""
+    rng = np.random.default_rng([cfg.seed, 3])
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    seen = sorted(counts)
+    chosen = rng.choice(seen, size=min(cfg.eval_images, len(seen)), replace=False)
+    images: list[dict] = []
+    annotations: list[dict] = []
+    entity_of: dict[int, str] = {}
+    for image_id, ent_id in enumerate(sorted(int(c) for c in chosen), start=1):
+        side = cfg.min_side
+        img, bg = render(entities[ent_id], rng, side, side)
+        file_name = f"val_{image_id:06d}.jpg"
+        img.save(os.path.join(out_dir, "images", file_name), format="JPEG", quality=92)
+        images.append({"id": image_id, "file_name": file_name, "width": side, "height": side})
+        entity_of[image_id] = entities[ent_id].name
+        templates = rng.choice(len(TEMPLATES), 5, replace=False)
+        for t in templates:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "caption": TEMPLATES[int(t)].format(name=entities[ent_id].name, bg=bg)})
+    return {"info": {"description": "racm3 demo held-out split", "version": "1"},
+            "licenses": [], "images": images, "annotations": annotations,
+            "racm3_entities": entity_of}
+
+
+class DemoDataStage(Stage):
+    """Stage `demo`: writes demo/laion.parquet (metadata), laion.www (served), laion.coco (eval)."""
+
+    name = "demo"
+    version = "1"
+    config = DemoDataConfig
+    description = "generate the embedded LAION-like demo data set"
+
+    def plan(self, root: DataRoot, cfg: DemoDataConfig) -> list[ShardSpec]:
+        return [ShardSpec("demo", "laion", ())]
+
+    def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
+        cfg: DemoDataConfig = ctx.cfg
+        www = ctx.output_path("www")
+        table, entities = generate_metadata(cfg, www)
+        clean = table.filter(pa.compute.equal(table["kind"], "clean"))
+        counts: dict[int, int] = {}
+        for e in clean["entity"].to_pylist():
+            counts[e] = counts.get(e, 0) + 1
+        coco_dir = ctx.output_path("coco")
+        coco = generate_coco(cfg, entities, coco_dir, counts)
+        with open(os.path.join(coco_dir, "captions_val.json"), "w") as f:
+            json.dump(coco, f)
+        ents = pa.table({"entity": list(range(len(entities))), "name": [e.name for e in entities],
+                         "shape": [e.shape for e in entities],
+                         "train_docs": [counts.get(i, 0) for i in range(len(entities))]})
+        with open(ctx.output_path("entities.parquet"), "wb") as f:
+            pq.write_table(ents, f)
+        ctx.write_table(table.drop_columns(["kind", "entity"]))
+        with open(ctx.output_path("truth.parquet"), "wb") as f:
+            pq.write_table(table.select(["URL", "kind", "entity"]), f)
+        kinds = dict(zip(*np.unique(table["kind"].to_numpy(zero_copy_only=False), return_counts=True), strict=True))
+        return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={
+            "rows_by_kind": {str(k): int(v) for k, v in kinds.items()},
+            "entities": len(entities), "eval_images": len(coco["images"]),
+            "rare_entities_le4_docs": sum(1 for c in counts.values() if c <= 4)})
+
+

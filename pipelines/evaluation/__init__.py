@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, the evaluate stage and its report."""

@@ -1,0 +1,278 @@
+"""The evaluation report: metrics table, training loss curves (hand-drawn SVG from Lightning's CSV
+logs) and image grids, as Markdown (figures beside it) and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import posixpath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from storage.fs import DataRoot
+from storage.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from pipelines.core.stage import ShardContext
+    from pipelines.evaluation.evaluate import Example, Setup
+
+CURVES = ("l_main", "l_image", "l_text")  # main-document losses: comparable across variants
+COLOURS = {"ra-cm3": "#d62728", "vanilla": "#1f77b4"}
+LOWER_IS_BETTER = ("FID", "ppl")
+THUMB = 96  # displayed side of every image in the grids
+
+Curves = dict[str, dict[str, list[tuple[int, float]]]]  # variant -> metric -> [(step, value)]
+
+
+# ---------------------------------------------------------------------------- loss curves
+
+
+def loss_curves(root: DataRoot) -> Curves:
+    """Per variant, the logged losses by step from `<train workdir>/logs/version_*/metrics.csv`
+    (later versions, i.e. resumed runs, win for a step)."""
+    out: Curves = {}
+    for variant in ("ra-cm3", "vanilla"):
+        m = read_manifest(root, "train", variant)
+        if m is None or not m.metrics.get("checkpoints"):
+            continue
+        logs = root.join(m.metrics["checkpoints"], "logs")
+        files = sorted(root.fs.glob(posixpath.join(logs, "version_*", "metrics.csv")),
+                       key=lambda p: int(p.rsplit("version_", 1)[1].split("/")[0]))
+        rows: dict[str, dict[int, float]] = {c: {} for c in CURVES}
+        for path in files:
+            with root.fs.open(path, "r") as f:
+                for r in csv.DictReader(f):
+                    for c in CURVES:
+                        if r.get(c) and r.get("step"):
+                            rows[c][int(float(r["step"]))] = float(r[c])
+        out[variant] = {c: sorted(v.items()) for c, v in rows.items() if v}
+    return out
+
+
+def svg_chart(curves: Curves, metric: str, width: int = 360, height: int = 220) -> str:
+    """One line per variant of `metric` against step, with axes and a legend, as inline SVG."""
+    series = {v: d[metric] for v, d in curves.items() if d.get(metric)}
+    if not series:
+        return ""
+    xs = [s for pts in series.values() for s, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
+    pad = 40
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - pad - 10)
+
+    def sy(y: float) -> float:
+        return height - pad + (y0 - y) / (y1 - y0) * (height - pad - 20)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+             f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="12">{metric}</text>',
+             f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="#444"/>',
+             f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#444"/>']
+    for val, y in ((y0, sy(y0)), (y1, sy(y1))):
+        parts.append(f'<text x="{pad - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{val:.2f}</text>')
+    parts.append(f'<text x="{width - 10}" y="{height - pad + 14}" text-anchor="end" font-size="10">'
+                 f'step {x1}</text>')
+    for i, (variant, pts) in enumerate(series.items()):
+        colour = COLOURS.get(variant, "#333")
+        line = " ".join(f"{sx(s):.1f},{sy(y):.1f}" for s, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{line}"/>')
+        parts.append(f'<text x="{width - 12}" y="{32 + 14 * i}" text-anchor="end" font-size="11" '
+                     f'fill="{colour}">{variant}</text>')
+    return "".join(parts) + "</svg>"
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def thumb(image: Image.Image | None, label: str = "") -> Image.Image:
+    """A THUMB x THUMB tile (nearest upscaling keeps the VQGAN's pixels visible), grey if None."""
+    tile = Image.new("RGB", (THUMB, THUMB + 14), "white")
+    if image is not None:
+        tile.paste(image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.NEAREST), (0, 0))
+    else:
+        ImageDraw.Draw(tile).rectangle([0, 0, THUMB - 1, THUMB - 1], fill="#ccc")
+    ImageDraw.Draw(tile).text((2, THUMB + 1), label[:16], fill="black")
+    return tile
+
+
+def row_image(tiles: list[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (len(tiles) * (THUMB + 4), THUMB + 14), "white")
+    for i, t in enumerate(tiles):
+        out.paste(t, (i * (THUMB + 4), 0))
+    return out
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def memory_image(setup: Setup, key: str) -> Image.Image | None:
+    from pipelines.evaluation.evaluate import decode_codes
+
+    if key not in setup.memory:
+        return None
+    _, codes = setup.vocab.decode(setup.memory[key].tolist())
+    return decode_codes(setup, np.asarray([codes]))[0]
+
+
+def text_to_image_row(setup: Setup, ex: Example) -> Image.Image:
+    """Retrieved documents' images (by the caption), then each model's kept image, then the real one."""
+    tiles = [thumb(memory_image(setup, k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
+    tiles += [thumb(ex.images.get(m), label) for m, label in
+              (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"), ("retrieval-baseline", "baseline"))]
+    return row_image(tiles + [thumb(ex.real, "real")])
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def metric_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the models-side-by-side table; a metric a model lacks shows as '—'."""
+    models = list(metrics["models"])
+    names: list[str] = []
+    for d in metrics["models"].values():
+        names += [k for k in d if k not in names]
+    rows = []
+    for n in names:
+        hint = " ↓" if any(t in n for t in LOWER_IS_BETTER) else (" ↑" if "_n" not in n else "")
+        rows.append([n + hint] + [fmt(metrics["models"][m][n]) if n in metrics["models"][m] else "—"
+                                  for m in models])
+    return ["metric", *models], rows
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def facts(metrics: dict[str, Any]) -> list[str]:
+    """Counts a reader needs to trust the numbers: split skips, leakage guard, settings."""
+    s, g, st = metrics["split"], metrics["leakage_guard"], metrics["settings"]
+    skips = ", ".join(f"{k.removeprefix('skipped_').replace('_', ' ')}: {v}"
+                      for k, v in s.items() if k.startswith("skipped_"))
+    return [f"Split: {s['usable_images']} usable of {s['images_listed']} images listed, "
+            f"{s['annotations']} annotations; skipped — {skips}. Evaluated {st['images']} images.",
+            f"Leakage guard: {g['excluded_memory_docs']} memory documents excluded from retrieval "
+            f"({g['image_near_duplicates']} image near-duplicates above {g['image_threshold']}, "
+            f"{g['text_near_duplicates']} caption near-duplicates above {g['text_threshold']}).",
+            f"Settings: K = {st['k']} retrieved documents, {st['image_samples']} images per caption "
+            f"(best by CLIP score), {st['caption_samples']} captions per image (lowest perplexity).",
+            f"Image distance features: {metrics['fid_features']}"
+            + ("" if metrics["fid_features"] == "FID" else
+               " — a substitute for Inception-v3, not comparable to published FID."),
+            "CIDEr-D is x100 as in the paper's tables; perplexities: image ppl retrieves with the "
+            "caption, text ppl with the image (no leakage)."]
+
+
+def recall_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    rec = metrics.get("retrieval_recall")
+    if not rec:
+        return None
+    tasks = [t for t in rec if isinstance(rec[t], dict)]
+    ks = list(rec[tasks[0]])
+    return ["task", *ks], [[t] + [fmt(rec[t][k]) for k in ks] for t in tasks]
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_report(ctx: ShardContext, metrics: dict[str, Any], examples: list[Example],
+                 setup: Setup, curves: Curves, show: int) -> None:
+    """main.report.md (+ main.figures/), main.report.html (images and charts inlined)."""
+    root = ctx.root
+    fig_dir = ctx.output_path("figures")
+    root.makedirs(fig_dir)
+    figs: list[tuple[str, bytes]] = []
+    for i, ex in enumerate(examples[:show]):
+        figs.append((f"t2i_{i}.png", png_bytes(text_to_image_row(setup, ex))))
+        figs.append((f"i2t_{i}.png", png_bytes(thumb(ex.real, f"image {ex.item.image_id}"))))
+    for name, data in figs:
+        with root.fs.open(posixpath.join(fig_dir, name), "wb") as f:
+            f.write(data)
+    charts = [c for c in (svg_chart(curves, m) for m in CURVES) if c]
+    with root.fs.open(ctx.output_path("report.md"), "w") as f:
+        f.write(markdown(metrics, examples[:show], setup, bool(charts)))
+    with root.fs.open(ctx.output_path("report.html"), "w") as f:
+        f.write(html_page(metrics, examples[:show], setup, charts, dict(figs)))
+
+
+def retrieved_text(setup: Setup, keys: list[str]) -> str:
+    return "; ".join(f"“{setup.memory_captions.get(k, k)}”" for k in keys) or "(none)"
+
+
+def markdown(metrics: dict[str, Any], examples: list[Example], setup: Setup, charts: bool) -> str:
+    header, rows = metric_rows(metrics)
+    out = ["# RA-CM3 evaluation", "", md_table(header, rows), ""]
+    out += [f"- {line}" for line in facts(metrics)] + [""]
+    if (rec := recall_rows(metrics)) is not None:
+        out += ["## Retrieval recall (Table 4)", "", md_table(*rec), ""]
+    if charts:
+        out += ["## Training loss curves", "", "See main.report.html (inline SVG charts).", ""]
+    out += ["## Caption → image", "", "Columns: retrieved documents (by the caption), RA-CM3, "
+            "vanilla CM3, retrieval baseline, real image.", ""]
+    for i, ex in enumerate(examples):
+        out += [f"**{ex.caption}** — retrieved: {retrieved_text(setup, ex.by_caption)}", "",
+                f"![caption {i}](main.figures/t2i_{i}.png)", ""]
+    out += ["## Image → caption", ""]
+    for i, ex in enumerate(examples):
+        out += [f"![image {i}](main.figures/i2t_{i}.png)", "",
+                f"- references: {' / '.join(ex.item.captions)}",
+                f"- retrieved (by the image): {retrieved_text(setup, ex.by_image)}"]
+        out += [f"- {m}: “{ex.captions.get(m, '—')}”" for m in ("ra-cm3", "vanilla",
+                                                             "retrieval-baseline")] + [""]
+    return "\n".join(out)
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:"
+         "collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
+         "td:first-child{text-align:left}.cap{font-weight:bold}")
+
+
+def img_tag(data: bytes, alt: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" src="data:image/png;base64,'
+            f'{base64.b64encode(data).decode()}"/>')
+
+
+def html_page(metrics: dict[str, Any], examples: list[Example], setup: Setup, charts: list[str],
+              figs: dict[str, bytes]) -> str:
+    header, rows = metric_rows(metrics)
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>RA-CM3 evaluation</title>",
+           f"<style>{STYLE}</style></head><body><h1>RA-CM3 evaluation</h1>",
+           html_table(header, rows), "<ul>"]
+    out += [f"<li>{html.escape(line)}</li>" for line in facts(metrics)] + ["</ul>"]
+    if (rec := recall_rows(metrics)) is not None:
+        out += ["<h2>Retrieval recall (Table 4)</h2>", html_table(*rec)]
+    if charts:
+        out += ["<h2>Training loss curves (main-document NLL)</h2>", "<div>", *charts, "</div>"]
+    out += ["<h2>Caption → image</h2><p>Retrieved documents (by the caption), RA-CM3, vanilla "
+            "CM3, retrieval baseline, real image.</p>"]
+    for i, ex in enumerate(examples):
+        out += [f"<p><span class='cap'>{html.escape(ex.caption)}</span><br/>retrieved: "
+                f"{html.escape(retrieved_text(setup, ex.by_caption))}</p>",
+                img_tag(figs[f"t2i_{i}.png"], ex.caption)]
+    out += ["<h2>Image → caption</h2>"]
+    for i, ex in enumerate(examples):
+        caps = "".join(f"<li>{m}: “{html.escape(ex.captions.get(m, '—'))}”</li>"
+                       for m in ("ra-cm3", "vanilla", "retrieval-baseline"))
+        out += ["<div>", img_tag(figs[f"i2t_{i}.png"], f"image {ex.item.image_id}"),
+                f"<ul><li>references: {html.escape(' / '.join(ex.item.captions))}</li>"
+                f"<li>retrieved (by the image): {html.escape(retrieved_text(setup, ex.by_image))}"
+                f"</li>{caps}</ul></div>"]
+    return "\n".join(out + ["</body></html>"])

@@ -1,0 +1,1 @@
+"""Ingest stages: metadata filtering and image download."""

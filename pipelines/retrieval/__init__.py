@@ -1,0 +1,1 @@
+"""Retrieval stages: CLIP embedding, FAISS index, neighbour retrieval, recall."""

@@ -1,0 +1,51 @@
+"""Retrieval recall@k on a COCO split (paper Table 4): the computation, shared by recall and fit-clip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from model.clip_encoder import DocEncoder, decode_image, mix
+from storage.coco import CocoSplit
+
+TASKS = ("text_to_image", "text_to_mixture", "image_to_text", "image_to_mixture")
+
+
+
+def recall(scores: np.ndarray, hits: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """scores (Q, M) similarities, hits (Q, M) bool relevance -> {"R@k": % of queries with a hit}."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(hits, order, axis=1)  # (Q, M) relevance in rank order
+    return {f"R@{k}": round(100.0 * float(ranked[:, :k].any(axis=1).mean()), 2) for k in ks}
+
+
+
+def table4(encoder: DocEncoder, split: CocoSplit, ks: tuple[int, ...] = (1, 3, 5)) -> dict[str, Any]:
+    """The four retrieval tasks of Table 4 on `split`.
+
+    A mixture document is image i with its first caption; text queries are the other captions
+    of each image (so no query is the memory's own text); image->text memory is every caption.
+    """
+    m = len(split.images)
+    imgs = [decode_image(b, encoder.image_side) for b in split.images]
+    if any(im is None for im in imgs):
+        raise ValueError("a held-out image could not be decoded; regenerate the COCO split")
+    image_emb = encoder.encode_image(imgs)  # type: ignore[arg-type]  # (M, D)
+    flat = [(i, c) for i, caps in enumerate(split.captions) for c in caps]
+    cap_emb = encoder.encode_text([c for _, c in flat])  # (sum captions, D)
+    owner = np.array([i for i, _ in flat])
+    first = np.cumsum([0] + [len(c) for c in split.captions[:-1]])  # (M,) first caption per image
+    ones = np.ones(m, bool)
+    mixture = mix(cap_emb[first], image_emb, ones, ones)  # (M, D)
+    query = np.setdiff1d(np.arange(len(flat)), first)  # text queries: the non-first captions
+    truth = owner[query][:, None] == np.arange(m)[None, :]  # (Q, M)
+    out: dict[str, Any] = {
+        "text_to_image": recall(cap_emb[query] @ image_emb.T, truth, ks),
+        "text_to_mixture": recall(cap_emb[query] @ mixture.T, truth, ks),
+        "image_to_text": recall(image_emb @ cap_emb.T, np.arange(m)[:, None] == owner[None, :], ks),
+        "image_to_mixture": recall(image_emb @ mixture.T, np.eye(m, dtype=bool), ks),
+    }
+    out["chance"] = {f"R@{k}": round(100.0 * min(k, m) / m, 2) for k in ks}
+    out["n_images"], out["n_text_queries"] = m, int(len(query))
+    return out

@@ -1,0 +1,1 @@
+"""Tokenization: VQGAN image codes and BPE caption tokens."""

@@ -1,0 +1,58 @@
+"""The document tokenizers (VQGAN image codes + caption BPE) as configured by the tokenize section.
+
+Shared by the tokenize stage, `racm3 decode` and evaluation (which encodes its prompts the same way).
+`cfg` arguments are the tokenize section (`TokenizeConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.document import Vocab
+from model.text_tokenizer import TextTokenizer, load_text_tokenizer
+from model.vqgan import PRESETS, VQGAN, Expect, load_checkpoint, state_fingerprint
+from storage.fs import DataRoot
+from storage.schemas import BPE_SHARD, BPE_SUFFIX, VQGAN_SHARD, VQGAN_SUFFIX
+
+
+@dataclass
+class Tokenizers:
+    """Per-worker resources: the VQGAN, the text tokenizer and their fingerprints."""
+
+    vqgan: VQGAN
+    text: TextTokenizer
+    codebook: str
+    text_fp: str
+
+    def vocab(self) -> Vocab:
+        return Vocab(n_text=self.text.vocab_size, n_image=self.vqgan.cfg.n_embed)
+
+
+
+def checkpoint_path(root: DataRoot, cfg: Any) -> str:
+    return cfg.checkpoint or root.artifact("fit-vqgan", VQGAN_SHARD, VQGAN_SUFFIX)
+
+
+
+def text_tokenizer_spec(root: DataRoot, cfg: Any) -> str:
+    return cfg.text_tokenizer or root.artifact("fit-vqgan", BPE_SHARD, BPE_SUFFIX)
+
+
+
+def load_vqgan(root: DataRoot, cfg: Any) -> VQGAN:
+    """The configured VQGAN; a codebook size, factor or resolution other than the config's is refused."""
+    expect = Expect(n_embed=cfg.codebook_size, factor=cfg.factor,
+                    resolution=None if cfg.checkpoint else cfg.image_size)
+    return load_checkpoint(checkpoint_path(root, cfg), PRESETS[cfg.arch], expect, cfg.allow_pickle)
+
+
+
+def load_tokenizers(root: DataRoot, cfg: Any) -> Tokenizers:
+    """Everything needed to turn documents into ids; also used by evaluate to encode prompts."""
+    torch.set_num_threads(cfg.threads)
+    vqgan = load_vqgan(root, cfg)
+    text = load_text_tokenizer(text_tokenizer_spec(root, cfg))
+    return Tokenizers(vqgan, text, state_fingerprint(vqgan), text.fingerprint())

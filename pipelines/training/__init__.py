@@ -1,0 +1,1 @@
+"""Training: sequence assembly and the Lightning trainer."""

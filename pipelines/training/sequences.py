@@ -1,0 +1,405 @@
+"""Training sequences (paper §3.1, §3.3, §3.4): retrieved documents m1..mK before the main document x,
+CM3 causal masking of x, packing to a fixed length, per-token loss weights, roles and positions.
+
+Pure functions do the work (draw, mask, assemble, pack); `SequenceStream` is the torch
+IterableDataset that chains them; `load_corpus` reads token and neighbour shards and refuses
+mixed lineage (another codebook, another index) before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from model.document import EOS, INFILL, PAD, Vocab, sequence_positions
+from storage.fs import DataRoot
+from storage.manifest import Manifest, list_manifests
+from storage.shards import read_table
+
+log = logging.getLogger(__name__)
+
+ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequence
+QUERIES = ("text", "image")  # which part of x was the retrieval query (§3.4)
+
+
+class LineageError(ValueError):
+    """Token or neighbour shards that do not belong together (another codebook, index or vocab)."""
+
+
+@dataclass(frozen=True)
+class AssemblyConfig:
+    """How sequences are built; `pipelines.training.train.TrainConfig` carries these fields."""
+
+    seq_len: int = 512  # tokens per packed sequence
+    k_max: int = 2  # K ~ Uniform{0..k_max} retrieved documents per main document; 0 = vanilla CM3
+    alpha: float = 0.1  # loss weight of retrieved-document tokens (Eq. 2)
+    mask_prob: float = 0.5  # probability of CM3 causal masking of the main document
+    max_spans: int = 1  # masked spans per masked document, drawn from 1..max_spans
+    max_span_frac: float = 0.5  # a span covers at most this fraction of the document
+    random_neighbours: bool = False  # "random at train" ablation: random documents, not retrieved
+    overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
+
+
+@dataclass
+class Corpus:
+    """Every main document's ids, keyed, plus its neighbour lists and the lineage they come from."""
+
+    vocab: Vocab
+    docs: dict[str, np.ndarray]  # key -> encoded document ids (int32, ends with <eos>)
+    neighbours: dict[str, dict[tuple[str, int], list[str]]] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)  # codebook, text_tokenizer, index, ...
+    held_out: frozenset[str] = frozenset()  # never trained on, as main or as retrieved document
+    _train_keys: list[str] | None = field(default=None, repr=False)
+
+    def train_keys(self) -> list[str]:
+        """Sorted keys of the documents training may use."""
+        if self._train_keys is None or len(self._train_keys) + len(self.held_out) < len(self.docs):
+            self._train_keys = sorted(k for k in self.docs if k not in self.held_out)
+        return self._train_keys
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """A stable pseudo-random split by key: the same keys are held out in every run."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+@dataclass
+class Unit:
+    """One example (m1..mK, x) as flat per-token arrays, all of the same length."""
+
+    ids: np.ndarray  # (L,) int64 token ids
+    positions: np.ndarray  # (L,) position inside its own document, restarting at 0
+    weights: np.ndarray  # (L,) float32 loss weight of predicting this token: 1 main, alpha retrieved
+    roles: np.ndarray  # (L,) int8 ROLE_MAIN / ROLE_RETRIEVED
+    key: str  # the main document's key
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ---------------------------------------------------------------------------- drawing neighbours
+
+
+def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int,
+                      random_docs: bool, counts: Counter) -> list[str]:
+    """Up to k neighbour keys of `key`, best first: from a random query part and dropout variant."""
+    if k == 0:
+        return []
+    if random_docs:
+        return random_keys(rng, key, corpus, k)
+    lists = corpus.neighbours.get(key)
+    if not lists:
+        counts["no_neighbour_row"] += 1
+        return []
+    queries = sorted({q for q, _ in lists})  # x's text part or image part, at random (§3.4)
+    query = queries[rng.integers(len(queries))]
+    variants = sorted(v for q, v in lists if q == query)
+    dropout = [v for v in variants if v > 0] or variants  # training uses query dropout (§3.2)
+    chosen = lists[(query, dropout[rng.integers(len(dropout))])]
+    out: list[str] = []
+    for nk in chosen:
+        if len(out) == k:
+            break
+        if nk in corpus.held_out:
+            counts["neighbour_held_out"] += 1
+        elif nk in corpus.docs:
+            out.append(nk)
+        else:
+            counts["neighbour_missing_tokens"] += 1
+    return out
+
+
+def random_keys(rng: np.random.Generator, key: str, corpus: Corpus, k: int) -> list[str]:
+    keys = corpus.train_keys()
+    picks = [keys[i] for i in rng.choice(len(keys), size=min(k + 1, len(keys)), replace=False)]
+    return [p for p in picks if p != key][:k]
+
+
+# ---------------------------------------------------------------------------- causal masking
+
+
+def draw_spans(rng: np.random.Generator, n: int, max_spans: int,
+               max_span_frac: float) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping [start, end) spans inside a region of n tokens."""
+    if n < 1:
+        return []
+    count = int(rng.integers(1, min(max_spans, n) + 1))
+    starts = np.sort(rng.choice(n, size=count, replace=False))
+    longest = max(1, int(n * max_span_frac))
+    ends = np.append(starts[1:], n)
+    return [(int(s), int(min(s + rng.integers(1, longest + 1), e))) for s, e in zip(starts, ends, strict=True)]
+
+
+def mask_spans(doc: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab) -> np.ndarray:
+    """CM3 infilling form of one document (spans index the document without its leading
+    `<img alt="` and trailing <eos>): spans become <mask:i>, and `<infill> <mask:0> span0 ...
+    <eos>` follows, so the model learns to fill them in from both sides (§3.1)."""
+    body = doc[1:-1]  # spans never touch the document's first token or its <eos>
+    kept, tail, last = [doc[:1]], [np.array([INFILL])], 0
+    for i, (s, e) in enumerate(spans):
+        kept += [body[last:s], np.array([vocab.mask(i)])]
+        tail += [np.array([vocab.mask(i)]), body[s:e]]
+        last = e
+    kept.append(body[last:])
+    return np.concatenate(kept + tail + [np.array([EOS])]).astype(doc.dtype)
+
+
+def maybe_mask(rng: np.random.Generator, doc: np.ndarray, vocab: Vocab,
+               cfg: AssemblyConfig) -> np.ndarray:
+    if cfg.mask_prob <= 0 or rng.random() >= cfg.mask_prob or vocab.n_sentinels == 0:
+        return doc
+    spans = draw_spans(rng, len(doc) - 2, min(cfg.max_spans, vocab.n_sentinels), cfg.max_span_frac)
+    return mask_spans(doc, spans, vocab)
+
+
+# ---------------------------------------------------------------------------- assembly
+
+
+def assemble(retrieved: list[np.ndarray], main: np.ndarray, alpha: float, key: str = "") -> Unit:
+    """Concatenate m1..mK, x into one unit with roles, weights and per-document positions."""
+    docs = [*retrieved, main]
+    roles = np.concatenate([np.full(len(d), ROLE_RETRIEVED, np.int8) for d in retrieved]
+                           + [np.full(len(main), ROLE_MAIN, np.int8)])
+    weights = np.where(roles == ROLE_MAIN, 1.0, alpha).astype(np.float32)
+    return Unit(ids=np.concatenate(docs).astype(np.int64),
+                positions=sequence_positions(docs),
+                weights=weights, roles=roles, key=key)
+
+
+def fit_unit(retrieved: list[np.ndarray], main: np.ndarray, cfg: AssemblyConfig,
+             counts: Counter) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Make m1..mK, x fit seq_len: drop the lowest-ranked retrieved documents first, then
+    truncate or drop the main document (by `cfg.overlong`); every change is counted."""
+    retrieved = list(retrieved)
+    while retrieved and sum(map(len, retrieved)) + len(main) > cfg.seq_len:
+        retrieved.pop()
+        counts["retrieved_dropped_overlong"] += 1
+    if len(main) <= cfg.seq_len:
+        return retrieved, main
+    if cfg.overlong == "drop":
+        counts["main_dropped_overlong"] += 1
+        return retrieved, None
+    counts["main_truncated"] += 1
+    return retrieved, main[: cfg.seq_len]
+
+
+def draw_unit(rng: np.random.Generator, key: str, corpus: Corpus, cfg: AssemblyConfig,
+              counts: Counter) -> Unit | None:
+    """One training example for main document `key`: K ~ U{0..k_max}, neighbours, masking."""
+    k = int(rng.integers(0, cfg.k_max + 1))
+    counts[f"k{k}"] += 1
+    neighbours = choose_neighbours(rng, key, corpus, k, cfg.random_neighbours, counts)
+    main = maybe_mask(rng, corpus.docs[key], corpus.vocab, cfg)
+    retrieved, fitted = fit_unit([corpus.docs[n] for n in neighbours], main, cfg, counts)
+    if fitted is None:
+        return None
+    main = fitted
+    counts["retrieved_docs"] += len(retrieved)
+    return assemble(retrieved, main, cfg.alpha, key)
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
+         lookahead: int = 16) -> Iterator[dict[str, Any]]:
+    """Pack whole units into sequences of exactly seq_len tokens, padding the rest.
+
+    Each sequence takes, in arrival order, the first units of a `lookahead` pool that still fit
+    (first fit), so RA-CM3's mixed-length units waste little padding. A unit never straddles
+    two sequences. Vanilla CM3 (one document per unit) packs several main documents per
+    sequence where RA-CM3 packs retrieved ones: equal tokens per step.
+    """
+    it = iter(units)
+    pool: list[Unit] = list(islice(it, lookahead))
+    while pool:
+        buf: list[Unit] = []
+        used = 0
+        while (i := next((j for j, u in enumerate(pool) if used + len(u) <= seq_len), None)) is not None:
+            unit = pool.pop(i)
+            buf.append(unit)
+            used += len(unit)
+            pool.extend(islice(it, 1))
+        if not buf:  # a unit longer than seq_len: fit_unit prevents it, refuse loudly otherwise
+            raise ValueError(f"unit of {len(pool[0])} tokens exceeds seq_len {seq_len}")
+        yield finish(buf, seq_len, counts)
+
+
+def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
+    """Concatenate units and pad to seq_len (pad tokens have weight 0 and role ROLE_PAD)."""
+    pad = seq_len - sum(map(len, units))
+    counts["sequences"] += 1
+    counts["pad_tokens"] += pad
+    counts["main_docs"] += len(units)
+
+    def cat(name: str, fill: float, dtype: Any) -> np.ndarray:
+        return np.concatenate([getattr(u, name) for u in units] + [np.full(pad, fill, dtype)])
+
+    return {"ids": cat("ids", PAD, np.int64), "positions": cat("positions", 0, np.int64),
+            "weights": cat("weights", 0.0, np.float32), "roles": cat("roles", ROLE_PAD, np.int8),
+            "keys": [u.key for u in units]}
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+class SequenceStream(IterableDataset):
+    """Endless stream of packed sequences: each epoch shuffles main documents by (seed, epoch)."""
+
+    def __init__(self, corpus: Corpus, cfg: AssemblyConfig, seed: int = 0, start_epoch: int = 0):
+        super().__init__()
+        self.corpus, self.cfg, self.seed, self.start_epoch = corpus, cfg, seed, start_epoch
+        self.counts: Counter = Counter()  # drop/skip counts (visible in-process with 0 workers)
+        self.modality_table = modality_table(corpus.vocab)
+
+    def units(self, epoch: int, worker: int, n_workers: int) -> Iterator[Unit]:
+        rng = np.random.default_rng([self.seed, epoch, worker])
+        keys = self.corpus.train_keys()
+        for i in rng.permutation(len(keys))[worker::n_workers]:
+            unit = draw_unit(rng, keys[i], self.corpus, self.cfg, self.counts)
+            if unit is not None:
+                yield unit
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, n_workers = shard_of_stream()
+        epoch = self.start_epoch
+        while True:
+            for seq in pack(self.units(epoch, worker, n_workers), self.cfg.seq_len, self.counts):
+                seq["modality"] = self.modality_table[seq["ids"]]
+                yield seq
+            epoch += 1
+
+
+def shard_of_stream() -> tuple[int, int]:
+    """(this reader's index, number of readers) over DDP ranks x loader workers, so that each
+    rank and worker assembles a disjoint slice of the main documents."""
+    info = get_worker_info()
+    worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * n_workers + worker, dist.get_world_size() * n_workers
+    return worker, n_workers
+
+
+def modality_table(vocab: Vocab) -> np.ndarray:
+    """Lookup id -> modality (0 special, 1 text, 2 image), so per-token lookups are one gather."""
+    return vocab.modality(np.arange(vocab.size)).astype(np.int8)
+
+
+def collate(seqs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-sequence arrays into (B, T) tensors; main-document keys stay a list of lists."""
+    out: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in seqs]))
+                           for k in ("ids", "positions", "weights", "roles", "modality")}
+    out["keys"] = [s["keys"] for s in seqs]
+    return out
+
+
+# ---------------------------------------------------------------------------- reading shards
+
+
+def shard_lineage(m: Manifest, fields: tuple[str, ...]) -> dict[str, Any]:
+    """Lineage fields of a manifest, looked up in its metrics then its params."""
+    found = {f: m.metrics.get(f, m.params.get(f)) for f in fields}
+    missing = [f for f, v in found.items() if v is None]
+    if missing:
+        raise LineageError(f"{m.stage}/{m.shard_id} manifest records no {', '.join(missing)}; "
+                           f"re-run `racm3 run {m.stage}` with the current code")
+    return found
+
+
+def same_lineage(manifests: list[Manifest], fields: tuple[str, ...]) -> dict[str, Any]:
+    """The shared lineage of shards, or a LineageError naming two shards that disagree."""
+    first = shard_lineage(manifests[0], fields)
+    for m in manifests[1:]:
+        other = shard_lineage(m, fields)
+        if other != first:
+            diff = next(f for f in fields if other[f] != first[f])
+            raise LineageError(
+                f"{m.stage} shards disagree on {diff}: {manifests[0].shard_id} has "
+                f"{first[diff]!r}, {m.shard_id} has {other[diff]!r}; re-run `racm3 run {m.stage}` "
+                f"so every shard comes from the same {diff}")
+    return first
+
+
+TOKEN_LINEAGE = ("codebook", "text_tokenizer", "n_text", "n_image")
+NEIGHBOUR_LINEAGE = ("index_fingerprint", "encoder")
+
+
+def load_tokens(root: DataRoot) -> tuple[Vocab, dict[str, np.ndarray], dict[str, Any]]:
+    """Every token shard's documents encoded in the CM3 format, and their shared lineage."""
+    manifests = sorted(list_manifests(root, "tokenize"), key=lambda m: m.shard_id)
+    if not manifests:
+        raise FileNotFoundError("no token shards under tokenize/: run `racm3 run tokenize` first")
+    lineage = same_lineage(manifests, TOKEN_LINEAGE)
+    vocab = Vocab(n_text=int(lineage["n_text"]), n_image=int(lineage["n_image"]))
+    docs: dict[str, np.ndarray] = {}
+    for m in manifests:
+        t = read_table(root, root.artifact("tokenize", m.shard_id, "parquet"),
+                       ["key", "caption_ids", "image_codes"]).to_pydict()
+        for key, cap, img in zip(t["key"], t["caption_ids"], t["image_codes"], strict=True):
+            docs[key] = np.asarray(vocab.encode(cap, img), dtype=np.int32)
+    return vocab, docs, {**lineage, "vocab": vocab.fingerprint(), "token_shards": len(manifests)}
+
+
+def load_neighbours(root: DataRoot) -> tuple[dict[str, dict[tuple[str, int], list[str]]],
+                                             dict[str, Any]]:
+    """key -> {(query, variant): neighbour keys best first}, and the neighbours' shared lineage."""
+    manifests = sorted(list_manifests(root, "retrieve"), key=lambda m: m.shard_id)
+    if not manifests:
+        raise FileNotFoundError("no neighbour shards under retrieve/: run `racm3 run retrieve` "
+                                "first, or train the vanilla variant (train.variant=vanilla)")
+    lineage = same_lineage(manifests, NEIGHBOUR_LINEAGE)
+    table: dict[str, dict[tuple[str, int], list[str]]] = {}
+    for m in manifests:
+        t = read_table(root, root.artifact("retrieve", m.shard_id, "parquet"),
+                       ["key", "query", "variant", "neighbor_keys"]).to_pydict()
+        for key, q, v, nks in zip(t["key"], t["query"], t["variant"], t["neighbor_keys"], strict=True):
+            table.setdefault(key, {})[(q, int(v))] = list(nks)
+    return table, {**lineage, "neighbour_shards": len(manifests)}
+
+
+def check_pins(lineage: dict[str, Any], pins: dict[str, str]) -> None:
+    """Refuse shards whose lineage differs from a value pinned in config (e.g. a checkpoint's)."""
+    for name, want in pins.items():
+        if want and lineage.get(name) != want:
+            raise LineageError(f"{name} is {lineage.get(name)!r} but {want!r} is required; the "
+                               f"shards were made with another {name}: re-run the upstream stages "
+                               f"or change the pinned value")
+
+
+def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None,
+                holdout_fraction: float = 0.0) -> Corpus:
+    """Token documents (+ neighbour lists), refusing mismatched lineage before training starts;
+    a stable `holdout_fraction` of the documents is set aside for held-out perplexity."""
+    vocab, docs, lineage = load_tokens(root)
+    neighbours: dict[str, dict[tuple[str, int], list[str]]] = {}
+    if with_neighbours:
+        neighbours, n_lineage = load_neighbours(root)
+        lineage.update(n_lineage)
+        missing = sum(1 for k in neighbours if k not in docs)
+        lineage["neighbour_rows_without_tokens"] = missing
+    check_pins(lineage, pins or {})
+    held_out = frozenset(k for k in docs if is_held_out(k, holdout_fraction))
+    lineage["held_out_docs"] = len(held_out)
+    log.info("corpus: %d documents (%d held out), %d with neighbours, vocab %d", len(docs),
+             len(held_out), len(neighbours), vocab.size)
+    return Corpus(vocab=vocab, docs=docs, neighbours=neighbours, lineage=lineage,
+                  held_out=held_out)
+
+
+def longest_unit(corpus: Corpus, cfg: AssemblyConfig) -> int:
+    """Tokens of the longest possible example: (k_max + 1) longest documents, masked."""
+    longest = max(map(len, corpus.docs.values()))
+    return (cfg.k_max + 1) * longest + 2 * cfg.max_spans + 1
