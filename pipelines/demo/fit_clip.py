@@ -194,7 +194,7 @@ class FitClipStage(Stage):
         rows_in = len(caps) + sum(dropped.values())
         has_coco = ctx.root.exists(ctx.root.resolve(cfg.coco))
         if has_coco:
-            split = load_coco(ctx.root, cfg.coco)
+            split = load_coco(ctx.root, cfg.coco, min_captions=2)  # Table 4 queries a second caption
         else:
             train_idx, split = holdout(caps, jpgs, cfg)
             caps, jpgs = [caps[i] for i in train_idx], [jpgs[i] for i in train_idx]

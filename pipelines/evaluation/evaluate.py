@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -42,7 +41,7 @@ from pipelines.retrieval.search import Retriever, select_neighbors
 from pipelines.tokens.tokenizers import Tokenizers, load_tokenizers
 from pipelines.training.checkpoints import load_trained
 from pipelines.training.sequences import LineageError, load_tokens
-from storage.coco import coco_ref
+from storage.coco import coco_ref, iter_images, read_index
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, read_manifest, upstream_ref
 from storage.shards import read_table
@@ -101,64 +100,15 @@ class SplitItem:
     captions: list[str]
 
 
-def find_image(root: DataRoot, dirs: list[str], file_name: str) -> bytes | None:
-    for d in dirs:
-        if root.exists(p := posixpath.join(d, file_name)):
-            with root.fs.open(p, "rb") as f:
-                return f.read()
-    return None
-
-
 def read_split(root: DataRoot, coco: str, image_dir: str = "",
                max_images: int = 0) -> tuple[list[SplitItem], dict[str, int]]:
-    """Usable images of a COCO captions file and counts of what was skipped and why."""
-    path = root.resolve(coco)
-    if not root.exists(path):
-        raise FileNotFoundError(f"COCO captions file {path} not found: set evaluate.coco to a "
-                                f"captions JSON (its images under `images/` or evaluate.image_dir)")
-    with root.fs.open(path, "r") as f:
-        data = json.load(f)
-    ids = {im["id"] for im in data.get("images", [])}
-    counts = {"images_listed": len(ids), "annotations": len(data.get("annotations", [])),
-              "skipped_unknown_image_id": 0, "skipped_empty_caption": 0,
-              "skipped_missing_image": 0, "skipped_undecodable_image": 0,
-              "skipped_no_caption": 0}
-    caps: dict[int, list[str]] = {}
-    for a in data.get("annotations", []):
-        if a.get("image_id") not in ids:
-            counts["skipped_unknown_image_id"] += 1
-        elif not str(a.get("caption") or "").strip():
-            counts["skipped_empty_caption"] += 1
-        else:
-            caps.setdefault(a["image_id"], []).append(str(a["caption"]).strip())
-    dirs = ([root.resolve(image_dir)] if image_dir
-            else [posixpath.join(posixpath.dirname(path), "images"), posixpath.dirname(path)])
-    items: list[SplitItem] = []
-    for im in data.get("images", []):
-        if max_images and len(items) >= max_images:
-            break
-        item = load_item(root, dirs, im, caps.get(im["id"], []), counts)
-        if item is not None:
-            items.append(item)
-    counts["usable_images"] = len(items)
-    return items, counts
-
-
-def load_item(root: DataRoot, dirs: list[str], im: dict, captions: list[str],
-              counts: dict[str, int]) -> SplitItem | None:
-    """One image entry, or None with the reason counted."""
-    if not captions:
-        counts["skipped_no_caption"] += 1
-        return None
-    data = find_image(root, dirs, im.get("file_name", ""))
-    if data is None:
-        counts["skipped_missing_image"] += 1
-        return None
-    image = decode_image(data)
-    if image is None:
-        counts["skipped_undecodable_image"] += 1
-        return None
-    return SplitItem(int(im["id"]), image, captions)
+    """Usable images of a COCO captions file and counts of what was skipped and why
+    (storage.coco's rules, shared with retrieval-eval and fit-clip)."""
+    index = read_index(root, coco, image_dir, max_images)
+    items = [SplitItem(it.entry.image_id, image, it.entry.captions)
+             for it in iter_images(root, index) if (image := decode_image(it.data)) is not None]
+    index.counts["usable_images"] = len(items)
+    return items, index.counts
 
 
 # ---------------------------------------------------------------------------- set-up and lineage
