@@ -56,14 +56,15 @@ class RetrievalEvalStage(Stage):
         enc_info = index_encoder(ctx.root)
         encoder = DocEncoder.load(enc_info["model"], ctx.root.resolve(enc_info["checkpoint"]),
                                   enc_info["fingerprint"], cfg.device, cfg.batch_size)
-        split = load_coco(ctx.root, cfg.coco, cfg.max_images, cfg.image_dir)
+        split = load_coco(ctx.root, cfg.coco, cfg.max_images, cfg.image_dir, min_captions=2)
         result = table4(encoder, split, cfg.ks) | {"encoder": enc_info["fingerprint"]}
         if split.entities:  # demo: does the memory return documents about the same entity?
             result["memory_entity_hit"] = memory_entity_hits(ctx.root, encoder, split, cfg.ks)
         with ctx.root.fs.open(ctx.output_path("json"), "w") as f:
             json.dump(result, f, indent=2)
         log.info("retrieval-eval: %s", format_table(result))
-        return ShardResult(rows_in=result["n_images"], rows_out=len(TASKS), metrics=result)
+        return ShardResult(rows_in=result["n_images"], rows_out=len(TASKS), metrics=result,
+                           dropped=split.skipped)
 
 
 def memory_entity_hits(root: DataRoot, encoder: DocEncoder, split: CocoSplit,
