@@ -1,51 +1,55 @@
-"""Stage `download`: img2dataset fetches each URL shard into one image shard (Parquet).
+"""Stage `download`: fetch each URL shard into one image shard (Parquet), one row per URL.
 
-img2dataset's own Resizer, Downloader and Parquet writer run in-process on one URL shard, so one racm3
-shard maps to one img2dataset shard and the stage is a plain per-shard function (clip-retrieval's
-pattern): no process spawn per shard, and Prefect/Beam decide where shards run.
+racm3's own fetch path (pipelines/ingest/fetch.py) replaces urllib so that every address is
+checked where it is connected to, redirects are followed by us, and byte and time limits hold;
+img2dataset's resize (pipelines/ingest/images.py) and its X-Robots-Tag parser are kept. The stage
+runs on Beam: one element per URL shard, the downloader built once per worker in DoFn.setup.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-import threading
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from pipelines.ingest.downloader import DownloadLimits, ShardDownloader
+from pipelines.ingest.fetch import FetchLimits
+from pipelines.ingest.images import ImageResizer
+from pipelines.ingest.netpolicy import NetPolicy, split_host_port
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
 from storage.schemas import IMAGE_SHARD, SUCCESS
 
 log = logging.getLogger(__name__)
-# img2dataset's Resizer silences C-level output by dup2-ing /dev/null over fds 1 and 2 around each
-# image. Two shards resizing at once in one process (Prefect's thread pool) interleave the
-# save/restore and leave the process writing to /dev/null for good, so resizes take turns.
-_RESIZE_LOCK = threading.Lock()
-CARRY = ["racm3_key", "pwatermark", "punsafe", "similarity"]
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+# img2dataset's default opt-out directives (img2dataset.main.download)
+OPT_OUT = ("noai", "noimageai", "noindex", "noimageindex")
 
 
 @dataclass(frozen=True)
 class DownloadConfig(StageConfig):
-    """How images are fetched and stored (img2dataset options)."""
+    """How images are fetched, which network they may come from, and how they are stored."""
 
-    EXECUTION_FIELDS = frozenset({"threads", "processes", "timeout"})
+    EXECUTION_FIELDS = frozenset({"threads", "processes", "url_timeout_s", "shard_deadline_s"})
     image_size: int = 256  # stored image side after resizing
     resize_mode: str = "center_crop"  # img2dataset resize mode
     min_image_size: int = 256  # reject images whose original shorter side is below this
     encode_quality: int = 95  # JPEG quality of the stored image
-    retries: int = 1  # per-URL retries inside img2dataset
-    timeout: int = 10  # per-URL timeout in seconds
-    threads: int = 16  # download threads per shard
+    retries: int = 1  # extra tries of a URL after a network error or a 5xx (not after a refusal)
+    url_timeout_s: float = 10.0  # wall-clock limit of one URL: connect, redirects and every read
+    shard_deadline_s: float = 3600.0  # URLs not finished by then become rows with status "deadline"
+    threads: int = 16  # download threads per worker
     processes: int = 1  # shards downloaded at once by the local runner / Prefect concurrency hint
     user_agent_token: str = "racm3"  # sent in the User-Agent; sites can opt out by it
+    allow_hosts: tuple[str, ...] = ()  # host or host:port let through the address check
+    max_bytes: int = 20_000_000  # a response body over this is refused ("too_large")
+    max_redirects: int = 5  # each hop's address is checked again
+    max_image_pixels: int = 40_000_000  # width x height from the header; above it: "too_many_pixels"
+    disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -54,79 +58,36 @@ class DownloadConfig(StageConfig):
         self.check(self.min_image_size >= 0, "min_image_size", "must be >= 0")
         self.check(1 <= self.encode_quality <= 100, "encode_quality", "must be in [1, 100]")
         self.check(self.retries >= 0, "retries", "must be >= 0")
-        self.check(self.timeout >= 1, "timeout", "must be >= 1")
+        self.check(self.url_timeout_s > 0, "url_timeout_s", "must be > 0")
+        self.check(self.shard_deadline_s > 0, "shard_deadline_s", "must be > 0")
         self.check(self.threads >= 1, "threads", "must be >= 1")
         self.check(self.processes >= 1, "processes", "must be >= 1")
+        self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
+        self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
+        self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        for entry in self.allow_hosts:
+            try:
+                split_host_port(entry)
+            except ValueError:
+                self.check(False, "allow_hosts", f"{entry!r} is not host or host:port")
 
 
-def img2dataset_shard(urls: pa.Table, cfg: DownloadConfig, workdir: str) -> pa.Table:
-    """Download one URL shard with img2dataset's components; returns img2dataset's output rows."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import ParquetSampleWriter
-
-    out = os.path.join(workdir, "out")
-    os.makedirs(out)
-    # img2dataset's Reader would write exactly this Arrow file (and print chatter); a URL shard
-    # is already one img2dataset shard, so we hand it over directly.
-    columns = [*CARRY, "caption", "url"]
-    shard_file = os.path.join(workdir, "00000.feather")
-    with pa.OSFile(shard_file, "wb") as f, pa.ipc.new_file(f, urls.select(columns).schema) as w:
-        w.write_table(urls.select(columns))
-    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
-                      resize_only_if_bigger=False, encode_quality=cfg.encode_quality,
-                      min_image_size=cfg.min_image_size)
-    downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=_SerialResizer(resizer), thread_count=cfg.threads,
-        save_caption=True, extract_exif=False, output_folder=out, column_list=columns,
-        timeout=cfg.timeout, number_sample_per_shard=max(urls.num_rows, 1), oom_shard_count=5,
-        compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token, disallowed_header_directives=None)
-    downloader.download_shard((0, shard_file))
-    return pq.read_table(os.path.join(out, "00000.parquet"))
-
-
-class _SerialResizer:
-    """img2dataset's Resizer behind a process-wide lock (see _RESIZE_LOCK)."""
-
-    def __init__(self, resizer: object):
-        self.resizer = resizer
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        with _RESIZE_LOCK:
-            return self.resizer(*args, **kwargs)  # type: ignore[operator]
-
-
-def to_image_shard(raw: pa.Table, urls: pa.Table) -> pa.Table:
-    """img2dataset rows -> racm3 image shard rows, one per input URL, sorted by key."""
-    by_key = {k: i for i, k in enumerate(raw["racm3_key"].to_pylist())}
-    missing = [k for k in urls["key"].to_pylist() if k not in by_key]
-    cols = {
-        "key": raw["racm3_key"], "url": raw["url"], "caption": raw["caption" if "caption" in raw.column_names else "txt"], "status": raw["status"],
-        "error_message": raw["error_message"], "jpg": raw["jpg"], "width": raw["width"],
-        "height": raw["height"], "original_width": raw["original_width"],
-        "original_height": raw["original_height"], "sha256": raw["sha256"],
-        "pwatermark": raw["pwatermark"], "punsafe": raw["punsafe"], "similarity": raw["similarity"],
-    }
-    table = pa.table(cols).cast(IMAGE_SHARD)
-    if missing:  # img2dataset never dropped a row in our tests; if it ever does, keep a record
-        lost = urls.filter(pc.is_in(urls["key"], pa.array(missing)))
-        table = pa.concat_tables([table, failed_rows(lost, "missing_from_img2dataset")])
-    return table.sort_by("key")
-
-
-def failed_rows(urls: pa.Table, message: str) -> pa.Table:
-    n = urls.num_rows
-    nulls = {c: pa.nulls(n, IMAGE_SHARD.field(c).type) for c in IMAGE_SHARD.names}
-    nulls.update(key=urls["key"], url=urls["url"], caption=urls["caption"],
-                 status=pa.array(["failed_to_download"] * n), error_message=pa.array([message] * n),
-                 pwatermark=urls["pwatermark"], punsafe=urls["punsafe"],
-                 similarity=urls["similarity"])
-    return pa.table(nulls).cast(IMAGE_SHARD)
+def build_downloader(cfg: DownloadConfig) -> ShardDownloader:
+    """The per-worker downloader: policy, limits, resizer and thread pool from the config."""
+    return ShardDownloader(
+        NetPolicy(tuple(cfg.allow_hosts)),
+        FetchLimits(max_bytes=cfg.max_bytes, max_redirects=cfg.max_redirects,
+                    user_agent_token=cfg.user_agent_token.strip().lower(),
+                    disallowed_directives=frozenset(
+                        d.strip().lower() for d in cfg.disallowed_header_directives)),
+        ImageResizer(cfg.image_size, cfg.resize_mode, cfg.min_image_size, cfg.encode_quality,
+                     cfg.max_image_pixels),
+        DownloadLimits(cfg.url_timeout_s, cfg.shard_deadline_s, cfg.retries),
+        cfg.threads)
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:
+    """Failed rows grouped by status and the kind of error (not its details)."""
     counts: dict[str, int] = {}
     for s, e in zip(table["status"].to_pylist(), table["error_message"].to_pylist(), strict=True):
         if s != SUCCESS:
@@ -139,30 +100,35 @@ def _short(msg: str | None) -> str:
     """Group error messages by their kind, not their details (URLs, byte counts)."""
     if not msg:
         return "unknown"
-    msg = msg.split(" for url")[0].split(":")[0] if "HTTP Error" not in msg else msg.split(":")[0]
-    return msg[:60]
+    return msg.split(":")[0][:60]
 
 
 class DownloadStage(Stage):
     name = "download"
-    version = "1"
+    version = "2"  # own fetch path: network policy, byte/time caps, pixel cap, opt-outs
     config = DownloadConfig
-    description = "fetch images with img2dataset into Parquet image shards"
+    engine = "beam"
+    description = "fetch images under a network policy into Parquet image shards"
 
     def plan(self, root: DataRoot, cfg: DownloadConfig) -> list[ShardSpec]:
         return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id),))
                 for m in list_manifests(root, "filter")]
 
+    def load(self, cfg: DownloadConfig) -> ShardDownloader:
+        return build_downloader(cfg)
+
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         urls = ctx.read_input(0)
-        if urls.num_rows == 0:
-            table = IMAGE_SHARD.empty_table()
-        else:
-            urls_in = urls.append_column("racm3_key", urls["key"])
-            with tempfile.TemporaryDirectory(prefix="racm3-dl-") as work:
-                table = to_image_shard(img2dataset_shard(urls_in, ctx.cfg, work), urls)
+        own = not isinstance(resources, ShardDownloader)
+        downloader = build_downloader(ctx.cfg) if own else resources
+        assert isinstance(downloader, ShardDownloader)
+        try:
+            table = downloader.download(urls) if urls.num_rows else IMAGE_SHARD.empty_table()
+        finally:
+            if own:
+                downloader.close()
         ctx.write_table(table)
         ok = int(pc.sum(pc.equal(table["status"], SUCCESS)).as_py() or 0)
-        dropped = status_counts(table)
-        return ShardResult(rows_in=urls.num_rows, rows_out=table.num_rows, dropped=dropped,
+        return ShardResult(rows_in=urls.num_rows, rows_out=table.num_rows,
+                           dropped=status_counts(table),
                            metrics={"success": ok, "failed": table.num_rows - ok})
