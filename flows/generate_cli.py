@@ -77,7 +77,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from pipelines.generation.fewshot import FewShotConfig, format_table, run_fewshot
-
     from storage.fs import DataRoot
 
     try:

@@ -13,7 +13,7 @@ from PIL import Image
 from flows.cli import main
 from pipelines.generation.request import Request, run
 from pipelines.generation.workbench import load_workbench
-from tests.factories import entity_image
+from tests.factories import NAMES, entity_image
 
 
 @pytest.fixture()
@@ -75,3 +75,38 @@ def test_bad_requests_exit_2(trained_root, tmp_path, prompt_image):
                  prompt_image, "--caption", "x", "--out", out]) == 2
     assert main(["generate", "--data-root", trained_root.path, "--caption", "x", "--context",
                  "no-such-key", "--out", out]) == 2
+
+
+def write_entity_split(root, n: int = 4) -> str:
+    """A COCO split with racm3_entities: one new rendering of each of entities 0..n-1."""
+    folder = root.join("coco-test")
+    root.makedirs(folder + "/images")
+    images, anns, names = [], [], {}
+    for i in range(n):
+        entity_image(i, 64, seed=900 + i).save(f"{folder}/images/{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        anns.append({"id": i, "image_id": i, "caption": f"a photo of the {NAMES[i]}"})
+        names[str(i)] = NAMES[i]
+    with open(f"{folder}/captions_test.json", "w") as f:
+        json.dump({"images": images, "annotations": anns, "racm3_entities": names}, f)
+    return "coco-test/captions_test.json"
+
+
+def test_classify_reports_accuracy_vs_k_for_both_variants(trained_root, tmp_path, capsys):
+    coco = write_entity_split(trained_root)
+    out = str(tmp_path / "fewshot.json")
+    assert main(["classify", "--data-root", trained_root.path, "--coco", coco, "--tasks", "3",
+                 "--ks", "0,1,2", "--out", out]) == 0
+    res = json.load(open(out))
+    assert res["split"] == coco and res["queries"] == 6
+    for variant in ("ra-cm3", "vanilla"):
+        for labels in ("semantic", "non-semantic"):
+            accs = res["accuracy"][variant][labels]
+            assert set(accs) == {"0", "1", "2"} and all(0 <= a <= 1 for a in accs.values())
+    assert "| vanilla | non-semantic |" in capsys.readouterr().out
+
+
+def test_classify_refuses_a_split_without_entity_labels(trained_root, tmp_path):
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps({"images": [], "annotations": []}))
+    assert main(["classify", "--data-root", trained_root.path, "--coco", str(path)]) == 2
