@@ -1,15 +1,21 @@
 """Stage `filter`: DuckDB SQL over LAION-style metadata -> URL shards, counting drops by reason.
 
 Drops (paper §4.1 footnote): pwatermark > 0.5, punsafe > 0.5, width or height < 256; also empty
-captions and non-http(s) URLs. Shards are fixed ranges of input rows, so changing a threshold
+captions and non-http(s) URLs. Rules that must not depend on how the data is stored: invalid UTF-8
+(bad_utf8), numbers that do not parse (bad_width, bad_punsafe, ...), NaN or NULL scores
+(missing_score, or kept by `filter.missing_scores = "keep"`), each dropped per row with its reason.
+A shard reads only its own rows, batch by batch, and DuckDB runs under a memory limit. Shards are fixed ranges of input rows, so changing a threshold
 changes the content of exactly the shards whose rows it affects (and only their downloads re-run).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -40,6 +46,8 @@ REQUIRED = ("url", "caption")
 class FilterConfig(StageConfig):
     """Which metadata rows go on to download."""
 
+    EXECUTION_FIELDS = frozenset({"duckdb_memory_limit", "duckdb_temp_dir", "duckdb_threads"})
+
     metadata: str = ""  # metadata parquet file(s) or glob, relative to the data root or absolute/URL; "" = demo data
     shard_size: int = 10000  # input rows per URL shard
     max_pwatermark: float = 0.5  # drop rows with pwatermark above this
@@ -53,6 +61,10 @@ class FilterConfig(StageConfig):
     watermark_col: str = "pwatermark"
     unsafe_col: str = "punsafe"
     similarity_col: str = "similarity"
+    missing_scores: str = "drop"  # NaN/NULL pwatermark or punsafe: "drop" (reason missing_score) or "keep"
+    duckdb_memory_limit: str = "1GB"  # DuckDB's memory_limit; larger work spills to the temp dir
+    duckdb_temp_dir: str = ""  # DuckDB's temp_directory; "" = <system temp>/racm3-duckdb
+    duckdb_threads: int = 2  # DuckDB threads per shard
 
     def __post_init__(self) -> None:
         self.check(self.shard_size >= 1, "shard_size", "must be >= 1")
@@ -62,6 +74,8 @@ class FilterConfig(StageConfig):
         self.check(self.min_height >= 0, "min_height", "must be >= 0")
         self.check(bool(self.url_col), "url_col", "the URL column is required")
         self.check(bool(self.caption_col), "caption_col", "the caption column is required")
+        self.check(self.missing_scores in ("drop", "keep"), "missing_scores", 'must be "drop" or "keep"')
+        self.check(self.duckdb_threads >= 1, "duckdb_threads", "must be >= 1")
 
 
 def metadata_files(root: DataRoot, cfg: FilterConfig) -> list[str]:
@@ -109,64 +123,178 @@ def resolve_columns(names: list[str], cfg: FilterConfig, where: str) -> dict[str
     return out
 
 
-def _q(col: str | None) -> str:
-    assert col is not None, "required column resolved"
+def _q(col: str) -> str:
     return '"' + col.replace('"', '""') + '"'
 
 
-def select_sql(cols: dict[str, str | None], unsafe_is_text: bool) -> str:  # noqa: D401
-    """One row per input row with its drop reason (NULL = kept); the first failing rule wins."""
-    def col(name: str, cast: str) -> str:
-        c = cols[name]
-        return f"TRY_CAST({_q(c)} AS {cast})" if c else f"CAST(NULL AS {cast})"
+TEXT_COLS = ("url", "caption")
+INT_COLS = ("width", "height")
+SCORE_COLS = ("watermark", "unsafe", "similarity")
+OUT_NAME = {"watermark": "pwatermark", "unsafe": "punsafe"}  # URL_SHARD column of a logical one
 
-    unsafe = (f"CASE WHEN upper(CAST({_q(cols['unsafe'])} AS VARCHAR)) = 'NSFW' THEN 1.0 ELSE 0.0 END"
-              if unsafe_is_text else col("unsafe", "FLOAT"))
+
+def _parsed(logical: str, present: bool, text_nsfw: bool) -> str:
+    """SQL of one numeric column as its number, NULL when absent or unparsable (see `bad_*`)."""
+    if not present:
+        return "CAST(NULL AS DOUBLE)"
+    c = _q(logical)
+    if logical in INT_COLS:  # "300", 300.0 and 300 alike; NaN, inf and "abc" do not parse
+        return f"TRY_CAST(TRY_CAST({c} AS DOUBLE) AS BIGINT)"
+    if text_nsfw:  # LAION-400M's NSFW tags; a number in the same column still counts as a score
+        return (f"CASE upper(trim(CAST({c} AS VARCHAR))) WHEN 'NSFW' THEN 1.0 WHEN 'UNSURE' "
+                f"THEN 0.5 WHEN 'UNLIKELY' THEN 0.0 ELSE TRY_CAST({c} AS DOUBLE) END")
+    return f"TRY_CAST({c} AS DOUBLE)"
+
+
+def classify_sql(present: dict[str, bool], text_nsfw: bool, drop_missing: bool) -> str:
+    """One row per input row with its drop reason (NULL = kept); the first failing rule wins.
+
+    NaN and NULL scores meet one explicit rule (`missing_score`) before any comparison, so the
+    outcome never depends on how a comparison with NaN is folded over row-group statistics.
+    """
+    parsed = {c: _parsed(c, present[c], text_nsfw and c == "unsafe") for c in (*INT_COLS, *SCORE_COLS)}
+    bad = " ".join(f"WHEN {_q(c)} IS NOT NULL AND p_{c} IS NULL THEN 'bad_{OUT_NAME.get(c, c)}'"
+                   for c in (*INT_COLS, *SCORE_COLS) if present[c])
+    scored = [c for c in ("watermark", "unsafe") if present[c]]
+    missing = " OR ".join(f"p_{c} IS NULL OR isnan(p_{c})" for c in scored) or "false"
+    def above(c: str, limit: str) -> str:
+        return f"(p_{c} > {limit} AND NOT isnan(p_{c}))"
     return f"""
     WITH src AS (
-      SELECT file_row_number AS row, CAST({_q(cols['url'])} AS VARCHAR) AS url,
-             CAST({_q(cols['caption'])} AS VARCHAR) AS caption,
-             {col('width', 'BIGINT')} AS width, {col('height', 'BIGINT')} AS height,
-             {col('watermark', 'FLOAT')} AS pwatermark, {unsafe} AS punsafe,
-             {col('similarity', 'FLOAT')} AS similarity
-      FROM read_parquet($path, file_row_number = true)
-      WHERE file_row_number >= $start AND file_row_number < $stop
+      SELECT *, CAST(url AS VARCHAR) AS url_s, CAST(caption AS VARCHAR) AS caption_s,
+             {', '.join(f'{parsed[c]} AS p_{c}' for c in parsed)}
+      FROM raw
     )
-    SELECT *, CASE
-        WHEN url IS NULL OR NOT regexp_matches(lower(trim(url)), '^https?://') THEN 'bad_url'
-        WHEN caption IS NULL OR trim(caption) = '' THEN 'empty_caption'
-        WHEN pwatermark > $max_pwatermark THEN 'watermark'
-        WHEN punsafe > $max_punsafe THEN 'unsafe'
-        WHEN width < $min_width OR height < $min_height THEN 'too_small'
+    SELECT row, url_s AS url, caption_s AS caption, p_width AS width, p_height AS height,
+           CASE WHEN isnan(p_watermark) THEN NULL ELSE p_watermark END AS pwatermark,
+           CASE WHEN isnan(p_unsafe) THEN NULL ELSE p_unsafe END AS punsafe,
+           CASE WHEN isnan(p_similarity) THEN NULL ELSE p_similarity END AS similarity,
+           ({missing}) AS missing_score,
+      CASE
+        WHEN bad_utf8 THEN 'bad_utf8'
+        WHEN url_s IS NULL OR NOT regexp_matches(lower(trim(url_s)), '^https?://') THEN 'bad_url'
+        WHEN caption_s IS NULL OR trim(caption_s) = '' THEN 'empty_caption'
+        {bad}
+        WHEN {'true' if drop_missing else 'false'} AND ({missing}) THEN 'missing_score'
+        WHEN {above('watermark', '$max_pwatermark')} THEN 'watermark'
+        WHEN {above('unsafe', '$max_punsafe')} THEN 'unsafe'
+        WHEN p_width < $min_width OR p_height < $min_height THEN 'too_small'
       END AS reason
-    FROM src ORDER BY row
+    FROM src
     """
 
 
+def valid_utf8(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """(the column as strings with invalid UTF-8 values nulled, a mask of those rows).
+
+    Parquet readers differ here (DuckDB fails the whole file, pyarrow passes the bytes on), so
+    the check is ours: the fast whole-column validation first, per value only when it fails.
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+            or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        return arr, pa.array([False] * n)  # numbers etc.: the SQL casts them
+    binary = arr.view(pa.large_binary() if "large" in str(arr.type) else pa.binary())
+    try:
+        as_text = binary.view(pa.large_string() if "large" in str(arr.type) else pa.string())
+        as_text.validate(full=True)
+        return as_text, pa.array([False] * n)
+    except pa.ArrowInvalid:
+        pass
+    values, bad = [], []
+    for v in binary.to_pylist():
+        try:
+            values.append(None if v is None else v.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            values.append(None)
+            bad.append(True)
+    return pa.array(values, pa.string()), pa.array(bad)
+
+
+def read_rows(fs: Any, path: str, cols: dict[str, str | None], start: int, stop: int,
+              batch_rows: int = 65536) -> pa.Table:
+    """Rows [start, stop) of the file's needed columns, streamed batch by batch (never the file)."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups, first, offset = [], None, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(i)
+                first = offset if first is None else first
+            offset += n
+        names = {logical: c for logical, c in cols.items() if c is not None}
+        batches, pos = [], first or 0
+        if groups:
+            for b in pf.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                     columns=list(dict.fromkeys(names.values()))):
+                lo, hi = max(start - pos, 0), min(stop - pos, b.num_rows)
+                if hi > lo:
+                    batches.append(b.slice(lo, hi - lo))
+                pos += b.num_rows
+    table = pa.Table.from_batches(batches) if batches else None
+    n = table.num_rows if table is not None else 0
+    out: dict[str, Any] = {"row": pa.array(range(start, start + n), pa.int64())}
+    bad = pa.array([False] * n)
+    for logical in (*TEXT_COLS, *INT_COLS, *SCORE_COLS):
+        c = names.get(logical)
+        if c is None or table is None:
+            out[logical] = pa.nulls(n, pa.string() if logical in TEXT_COLS else pa.float64())
+            continue
+        if logical in TEXT_COLS:
+            out[logical], mask = valid_utf8(table[c])
+            bad = pa.compute.or_(bad, mask)
+        else:
+            out[logical] = table[c]
+    out["bad_utf8"] = bad
+    return pa.table(out)
+
+
+def connect_duckdb(cfg: FilterConfig) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection bounded by `filter.duckdb_memory_limit`, spilling to the temp dir."""
+    temp = cfg.duckdb_temp_dir or os.path.join(tempfile.gettempdir(), "racm3-duckdb")
+    os.makedirs(temp, exist_ok=True)
+    return duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit,
+                                  "temp_directory": temp, "threads": cfg.duckdb_threads})
+
+
 def filter_rows(path: str, file_idx: int, start: int, stop: int, cfg: FilterConfig,
-                fs_register: object | None = None) -> tuple[pa.Table, dict[str, int], int]:
-    """Filter rows [start, stop) of one metadata file; returns (kept rows, drops by reason, rows in)."""
-    con = duckdb.connect()
-    if fs_register is not None:
-        con.register_filesystem(fs_register)
-    names = [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet($p)", {"p": path}).fetchall()]
-    cols = resolve_columns(names, cfg, path)
-    types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM read_parquet($p))",
-                             {"p": path}).fetchall())
-    unsafe_is_text = bool(cols["unsafe"]) and types.get(cols["unsafe"], "") == "VARCHAR"
-    params = {"path": path, "start": start, "stop": stop, "max_pwatermark": cfg.max_pwatermark,
-              "max_punsafe": cfg.max_punsafe, "min_width": cfg.min_width,
-              "min_height": cfg.min_height}
-    rel = con.sql(select_sql(cols, unsafe_is_text), params=params).to_arrow_table()
-    reasons = rel["reason"].to_pylist()
-    dropped: dict[str, int] = {}
-    for r in reasons:
-        if r is not None:
-            dropped[r] = dropped.get(r, 0) + 1
-    kept = rel.filter(pa.compute.is_null(rel["reason"]))
-    keys = pa.array([f"{file_idx:03d}-{r:09d}" for r in kept["row"].to_pylist()], pa.string())
-    table = pa.table({"key": keys, **{n: kept[n] for n in URL_SHARD.names if n != "key"}})
-    return table.cast(URL_SHARD), dropped, rel.num_rows
+                cols: dict[str, str | None]) -> tuple[pa.Table, dict[str, int], int, int]:
+    """Filter rows [start, stop) of one metadata file.
+
+    Returns (kept rows, drops by reason, rows in, kept rows with a missing score).
+    """
+    fs, p = open_url(path)
+    raw = read_rows(fs, p, cols, start, stop)
+    present = {c: cols[c] is not None for c in (*INT_COLS, *SCORE_COLS)}
+    text_nsfw = present["unsafe"] and (pa.types.is_string(raw["unsafe"].type)
+                                       or pa.types.is_large_string(raw["unsafe"].type))
+    params = {"max_pwatermark": cfg.max_pwatermark, "max_punsafe": cfg.max_punsafe,
+              "min_width": cfg.min_width, "min_height": cfg.min_height}
+    con = connect_duckdb(cfg)
+    try:
+        con.register("raw", raw)
+        sql = classify_sql(present, text_nsfw, cfg.missing_scores == "drop")
+        con.execute(f"CREATE TEMP TABLE classified AS {sql}", params).fetchall()
+        dropped = dict(con.execute("SELECT reason, count(*) FROM classified WHERE reason IS NOT "
+                                   "NULL GROUP BY reason ORDER BY reason").fetchall())
+        [(kept_missing,)] = con.execute("SELECT count(*) FROM classified WHERE reason IS NULL "
+                                        "AND missing_score").fetchall()
+        kept = con.sql(
+            "SELECT printf('%03d-%09d', $f, row) AS key, url, caption, width, height, pwatermark, "
+            "punsafe, similarity FROM classified WHERE reason IS NULL ORDER BY row",
+            params={"f": file_idx}).to_arrow_table()
+    finally:
+        con.close()
+    return kept.cast(URL_SHARD), dropped, raw.num_rows, int(kept_missing)
+
+
+def file_columns(path: str) -> list[str]:
+    fs, p = open_url(path)
+    with fs.open(p, "rb") as f:
+        return list(pq.ParquetFile(f).schema_arrow.names)
 
 
 class FilterStage(Stage):
@@ -178,6 +306,7 @@ class FilterStage(Stage):
     def plan(self, root: DataRoot, cfg: FilterConfig) -> list[ShardSpec]:
         specs = []
         for file_idx, path in enumerate(metadata_files(root, cfg)):
+            resolve_columns(file_columns(path), cfg, path)  # a missing column: ConfigError (exit 2) now
             ref = self._input_ref(root, path)
             fs, p = open_url(path)
             with fs.open(p, "rb") as f:
@@ -202,10 +331,10 @@ class FilterStage(Stage):
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         d = ctx.spec.inputs[0].detail
         path = ctx.input_path(0)
-        fs, _ = open_url(path)
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        table, dropped, n_in = filter_rows(path, d["file_index"], d["row_start"], d["row_stop"],
-                                           ctx.cfg, None if local else fs)
+        cols = resolve_columns(file_columns(path), ctx.cfg, path)
+        table, dropped, n_in, kept_missing = filter_rows(path, d["file_index"], d["row_start"],
+                                                         d["row_stop"], ctx.cfg, cols)
         ctx.write_table(table)
         log.info("filter %s: %d -> %d rows", posixpath.basename(ctx.spec.shard_id), n_in, table.num_rows)
-        return ShardResult(rows_in=n_in, rows_out=table.num_rows, dropped=dropped)
+        return ShardResult(rows_in=n_in, rows_out=table.num_rows, dropped=dropped,
+                           metrics={"kept_missing_score": kept_missing})

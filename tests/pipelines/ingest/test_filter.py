@@ -25,7 +25,7 @@ ROWS = [
     ("ftp://a/9.jpg", "ftp", 300, 300, 0.1, 0.1, "bad_url"),
     ("data:image/png;base64,xx", "inline", 300, 300, 0.1, 0.1, "bad_url"),
     ("http://a/11.jpg", "both bad", 300, 300, 0.9, 0.9, "watermark"),  # first rule wins
-    ("http://a/12.jpg", "null scores", 300, 300, None, None, None),
+    ("http://a/12.jpg", "null scores", 300, 300, None, None, "missing_score"),  # filter.missing_scores
 ]
 
 
@@ -59,7 +59,19 @@ def test_filter_matches_hand_computed_counts(root, tmp_path):
     assert dict(report.dropped) == drops
     assert len(report.ran) == 3  # 12 rows in shards of 5
     keys = connect(root).sql("select key from filter order by key").fetchall()
-    assert [k for (k,) in keys] == ["000-000000000", "000-000000001", "000-000000011"]
+    assert [k for (k,) in keys] == ["000-000000000", "000-000000001"]
+
+
+def test_missing_scores_keep_keeps_them_and_counts_them(root, tmp_path):
+    meta = tmp_path / "meta.parquet"
+    write_metadata(meta)
+    report = run_filter(root, meta, "filter.missing_scores=keep")
+    kept, drops = expected()
+    del drops["missing_score"]
+    assert report.ok and report.rows_out == kept + 1 and dict(report.dropped) == drops
+    assert sum(m["kept_missing_score"] for m in report.metrics.values()) == 1
+    row = connect(root).sql("select pwatermark, punsafe from filter where url = 'http://a/12.jpg'")
+    assert row.fetchall() == [(None, None)]
 
 
 def test_lowercase_variant_resolved_by_alias(root, tmp_path):
@@ -79,15 +91,14 @@ def test_laion400m_nsfw_strings(root, tmp_path):
 
 
 def test_wrong_columns_list_the_columns_found(root, tmp_path):
+    """Found when planning (the driver reports config errors with exit 2), not per shard."""
     meta = tmp_path / "meta.parquet"
     pq.write_table(pa.table({"link": ["http://a"], "TEXT": ["x"]}), meta)
     cfgs = load_config("demo", overrides=[f"filter.metadata={meta}"])
-    from pipelines.core.stage import execute_shard
     from pipelines.ingest.filter import FilterStage
 
-    spec = FilterStage().plan(root, cfgs["filter"])[0]
     with pytest.raises(ConfigError) as e:
-        execute_shard(FilterStage(), root, cfgs["filter"], spec)
+        FilterStage().plan(root, cfgs["filter"])
     assert e.value.field == "filter.url_col" and "columns found: link, TEXT" in str(e.value)
 
 
