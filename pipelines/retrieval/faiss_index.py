@@ -1,7 +1,15 @@
-"""The built FAISS index as a library: load it, search it, reconstruct stored vectors."""
+"""The built FAISS index as a library: load it memory-mapped once per process, search all of its
+parts as one index, reconstruct stored vectors."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import posixpath
+import tempfile
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,16 +19,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.fs import DataRoot
-from storage.manifest import read_manifest
+from storage.manifest import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "RACM3_INDEX_CACHE"  # where remote roots' index files are copied, once per machine
 
 
 def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-
-def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> dict[str, int]:
+def set_search_params(index: Any, nprobe: int, ef_search: int) -> dict[str, int]:
     """Apply query-time parameters the index understands; returns what was set."""
+    if isinstance(index, ShardedIndex):
+        out: dict[str, int] = {}
+        for part in index.parts:
+            out = set_search_params(part, nprobe, ef_search)
+        return out
     out = {}
     try:
         faiss.extract_index_ivf(index).nprobe = nprobe
@@ -34,7 +50,6 @@ def set_search_params(index: faiss.Index, nprobe: int, ef_search: int) -> dict[s
     return out
 
 
-
 def vectors(table: pa.Table, column: str = "doc_emb") -> np.ndarray:
     """(N, D) float32 from a fixed-size-list column (float32 or float16)."""
     col = table[column].combine_chunks()
@@ -42,13 +57,99 @@ def vectors(table: pa.Table, column: str = "doc_emb") -> np.ndarray:
     return np.ascontiguousarray(flat.reshape(-1, col.type.list_size), dtype=np.float32)
 
 
+# ---------------------------------------------------------------------------- parts
+
+
+def part_suffixes(parts: int) -> list[str]:
+    """Artifact suffixes of the index files: `main.faiss`, or `main.part-000.faiss`, ..."""
+    return ["faiss"] if parts == 1 else [f"part-{p:03d}.faiss" for p in range(parts)]
+
+
+def part_of(keys: Sequence[str], parts: int) -> np.ndarray:
+    """Sub-index of each key: sha1(key) mod parts, the same on every machine and Python version."""
+    if parts == 1:
+        return np.zeros(len(keys), np.int32)
+    return np.fromiter((int.from_bytes(hashlib.sha1(k.encode()).digest()[:8], "big") % parts
+                        for k in keys), np.int32, count=len(keys))
+
+
+TIE_SLACK = 8  # extra candidates fetched to see whether equal scores continue past the cut
+
+
+def by_score_then_id(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each row: higher score first, equal scores by ascending row id, none last."""
+    key = np.where(ids >= 0, -scores.astype(np.float64), np.inf)
+    pick = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), key), axis=-1)[:, :k]
+    return (np.take_along_axis(scores, pick, axis=1).astype(np.float32),
+            np.take_along_axis(ids, pick, axis=1))
+
+
+def search_ties_by_id(index: Any, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """index.search(q, k) with equal scores ordered by row id, also at the cut: FAISS's heap
+    keeps an arbitrary one of several candidates tied for the k-th place, and that choice would
+    differ between one index and its parts. Rows whose tie runs past what was fetched are
+    searched again, wider."""
+    n = int(index.ntotal)
+    scores = np.empty((len(q), k), np.float32)
+    ids = np.empty((len(q), k), np.int64)
+    todo, width = np.arange(len(q)), min(k + TIE_SLACK, n) if k < n else k
+    while len(todo):
+        d, i = index.search(q[todo], width)
+        open_ = ((d[:, k - 1] == d[:, -1]) & (i[:, -1] >= 0)) if width < n else np.zeros(
+            len(todo), bool)
+        done = todo[~open_]
+        scores[done], ids[done] = by_score_then_id(d[~open_], i[~open_], k)
+        todo, width = todo[open_], min(2 * width, n)
+    return scores, ids
+
+
+def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray],
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of several indexes' results (each ordered by score, then id, as
+    search_ties_by_id returns them), exactly as one index over all their rows returns it.
+    `ids` are row ids of that one index (-1 = none)."""
+    return by_score_then_id(np.concatenate(scores, axis=1), np.concatenate(ids, axis=1), k)
+
+
+class ShardedIndex:
+    """Sub-indexes searched as one. Row ids are positions in the one-index order (the key map's)."""
+
+    def __init__(self, parts: list[Any], rows: list[np.ndarray]):
+        self.parts, self.rows = parts, rows  # rows[p][local id] = row id
+        self.ntotal = int(sum(p.ntotal for p in parts))
+        self.d = int(parts[0].d)
+        self.part_of = np.empty(self.ntotal, np.int32)
+        self.local_of = np.empty(self.ntotal, np.int64)
+        for p, r in enumerate(rows):
+            self.part_of[r] = p
+            self.local_of[r] = np.arange(len(r))
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = [], []
+        for part, rows in zip(self.parts, self.rows, strict=True):
+            d, i = search_ties_by_id(part, q, k)
+            scores.append(d)
+            ids.append(np.where(i >= 0, rows[np.maximum(i, 0)], -1))
+        return merge_topk(scores, ids, k)
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ids), self.d), np.float32)
+        for p, part in enumerate(self.parts):
+            m = self.part_of[ids] == p
+            if m.any():
+                out[m] = part.reconstruct_batch(np.ascontiguousarray(self.local_of[ids[m]]))
+        return out
+
+
+# ---------------------------------------------------------------------------- loading
+
 
 @dataclass
 class LoadedIndex:
     """A built index with its key map and the identity of the encoder that fills it."""
 
-    index: faiss.Index  # searched (GPU copy when available)
-    cpu: faiss.Index  # reconstructs stored vectors
+    index: Any  # searched: a faiss.Index (GPU copy when available) or a ShardedIndex
+    cpu: Any  # reconstructs stored vectors
     keys: np.ndarray  # (N,) str, row id -> document key
     sha256: np.ndarray  # (N,) str, row id -> image sha256 ('' when unknown)
     encoder: dict[str, Any]
@@ -67,8 +168,11 @@ class LoadedIndex:
                 f"and `racm3 run index` with one encoder")
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k) float32, row ids (Q, k) int64, -1 past the end)."""
-        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        """(scores (Q, k) float32, row ids (Q, k) int64, -1 past the end); equal scores by row id."""
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if isinstance(self.index, ShardedIndex):
+            return self.index.search(q, k)
+        return search_ties_by_id(self.index, q, k)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), D) stored vectors (exact for Flat/HNSW, decoded codes for PQ)."""
@@ -77,28 +181,81 @@ class LoadedIndex:
         return self.cpu.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
 
-
-def load_index(root: DataRoot, use_gpu: bool = True) -> LoadedIndex:
-    """The index stage's output, ready to search and reconstruct (IVF gets a direct map)."""
-    m = read_manifest(root, "index", "main")
-    if m is None:
-        raise FileNotFoundError("no FAISS index: run `racm3 run index` first")
-    with root.fs.open(root.artifact("index", "main", "faiss"), "rb") as f:
-        cpu = faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+def read_index_file(path: str, factory: str = "") -> Any:
+    """A local index file, memory-mapped where FAISS can (Flat/SQ/PQ codes, IVF lists), so every
+    process on the machine shares its pages; read into memory otherwise (e.g. HNSW graphs)."""
+    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if "IVF" in factory
+             else faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
     try:
-        faiss.extract_index_ivf(cpu).make_direct_map()
-    except RuntimeError:
-        pass  # not an IVF index: reconstruct works as is
-    sp = m.metrics.get("search_params", {})
-    set_search_params(cpu, sp.get("nprobe", 1), sp.get("ef_search", 16))
-    searched = cpu
-    if use_gpu and gpu_available():
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        log.info("index: %s cannot be memory-mapped (%s); reading it", path, str(e)[-80:])
+        return faiss.read_index(path)
+
+
+def local_file(root: DataRoot, path: str, digest: str) -> str:
+    """A local path for an index file: itself on a local root, else a copy in the machine's cache
+    (named by content digest, written under a temp name and renamed, so processes may race)."""
+    if root.is_local:
+        return path
+    cache = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "racm3-index-cache")
+    os.makedirs(cache, exist_ok=True)
+    dest = os.path.join(cache, digest.removeprefix("sha256:")[:32] + "-" + posixpath.basename(path))
+    if not os.path.exists(dest):
+        tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
+        root.fs.get(path, tmp)
+        os.replace(tmp, dest)
+        log.info("index: copied %s to the local cache %s", path, dest)
+    return dest
+
+
+def _load(root: DataRoot, m: Manifest, use_gpu: bool) -> LoadedIndex:
+    parts = int(m.metrics.get("parts", 1))
+    factory = str(m.metrics.get("factory", ""))
+    cpus = []
+    for suffix in part_suffixes(parts):
+        path = root.artifact("index", "main", suffix)
+        idx = read_index_file(local_file(root, path, m.outputs.get(root.rel(path), "")), factory)
         try:
-            searched = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+            faiss.extract_index_ivf(idx).make_direct_map()
         except RuntimeError:
-            searched = cpu
+            pass  # not an IVF index: reconstruct works as is
+        cpus.append(idx)
     with root.fs.open(root.artifact("index", "main", "keys.parquet"), "rb") as f:
         km = pq.read_table(f)
     keys = np.asarray(km["key"].to_pylist(), dtype=object)
     sha = np.asarray([s or "" for s in km["sha256"].to_pylist()], dtype=object)
+    if parts == 1:
+        cpu: Any = cpus[0]
+    else:
+        owner = km["part"].to_numpy()
+        cpu = ShardedIndex(cpus, [np.flatnonzero(owner == p) for p in range(parts)])
+    sp = m.metrics.get("search_params", {})
+    set_search_params(cpu, sp.get("nprobe", 1), sp.get("ef_search", 16))
+    searched = cpu
+    if use_gpu and parts == 1 and gpu_available():
+        try:
+            searched = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
+        except RuntimeError:
+            searched = cpu
     return LoadedIndex(searched, cpu, keys, sha, m.metrics["encoder"], m.output_digest)
+
+
+_LOADED: dict[tuple[str, bool], LoadedIndex] = {}  # one index per root in this process
+_LOCK = threading.Lock()
+
+
+def load_index(root: DataRoot, use_gpu: bool = True) -> LoadedIndex:
+    """The index stage's output, ready to search and reconstruct (IVF gets a direct map).
+
+    Loaded once per process and data root (threads of a Beam worker share it) and reloaded
+    only when the index's digest changes.
+    """
+    m = read_manifest(root, "index", "main")
+    if m is None:
+        raise FileNotFoundError("no FAISS index: run `racm3 run index` first")
+    with _LOCK:
+        hit = _LOADED.get((root.uri, use_gpu))
+        if hit is None or hit.digest != m.output_digest:
+            hit = _LOADED[(root.uri, use_gpu)] = _load(root, m, use_gpu)
+        return hit

@@ -1,10 +1,13 @@
-"""Stage `index`: a FAISS inner-product index over doc_emb plus a key map (row id -> key, sha256)."""
+"""Stage `index`: a FAISS inner-product index over doc_emb plus a key map (row id -> key, sha256),
+built shard by shard, optionally as N sub-indexes built in parallel on Beam."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,11 +18,31 @@ import pyarrow.parquet as pq
 
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.retrieval.faiss_index import gpu_available, set_search_params, vectors
+from pipelines.retrieval.faiss_index import (
+    ShardedIndex,
+    gpu_available,
+    part_of,
+    part_suffixes,
+    read_index_file,
+    set_search_params,
+)
+from pipelines.retrieval.index_build import (
+    add_shards,
+    choose_factory,
+    estimate_bytes,
+    parse_bytes,
+    recall_vs_exact,
+    row_counts,
+    training_sample,
+    write_index,
+)
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, read_manifest, upstream_ref
+from storage.shards import read_table
 
 log = logging.getLogger(__name__)
+
+__all__ = ["IndexConfig", "IndexStage", "estimate_bytes"]
 
 RECALL_K = 10
 
@@ -28,21 +51,33 @@ RECALL_K = 10
 class IndexConfig(StageConfig):
     """Which FAISS index to build over the document embeddings, and how it is searched."""
 
-    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"use_gpu"})
-    factory: str = "Flat"  # FAISS index factory string: Flat (paper), IVF1024,PQ64, HNSW32, ...
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"use_gpu", "beam_options"})
+    factory: str = "Flat"  # FAISS factory string: Flat (paper), IVF1024,PQ64, ...; "" = by max_memory
+    max_memory: str = ""  # budget for the built index ("16GB"): picks the factory when it is ""
+    shards: int = 1  # sub-indexes (by sha1(key) mod shards), built in parallel on Beam
     train_sample: int = 200_000  # at most this many vectors train a non-flat index
     nprobe: int = 32  # IVF cells visited per query (ignored by non-IVF indexes)
     ef_search: int = 128  # HNSW search breadth (ignored by non-HNSW indexes)
     recall_sample: int = 1000  # queries for the recall@10-vs-exact check of non-flat indexes
     seed: int = 0  # training-sample and recall-sample draw
     use_gpu: bool = True  # build and search on GPU FAISS when it is installed and a GPU is present
+    beam_options: tuple[str, ...] = ()  # runner for the sub-index builds; () = local processes
 
     def __post_init__(self) -> None:
-        try:
-            faiss.index_factory(8 if "PQ" not in self.factory else _pq_dim(self.factory),
-                                self.factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            self.check(False, "factory", f"FAISS cannot parse {self.factory!r}: {str(e)[:200]}")
+        if self.factory:
+            try:
+                faiss.index_factory(8 if "PQ" not in self.factory else _pq_dim(self.factory),
+                                    self.factory, faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as e:
+                self.check(False, "factory", f"FAISS cannot parse {self.factory!r}: {str(e)[:200]}")
+        else:
+            self.check(bool(self.max_memory), "factory", "is empty: set it or index.max_memory")
+        if self.max_memory:
+            try:
+                parse_bytes(self.max_memory)
+            except ValueError as e:
+                self.check(False, "max_memory", str(e))
+        self.check(self.shards >= 1, "shards", "must be >= 1")
         self.check(self.train_sample >= 1, "train_sample", "must be >= 1")
         self.check(self.nprobe >= 1, "nprobe", "must be >= 1")
 
@@ -51,65 +86,6 @@ def _pq_dim(factory: str) -> int:
     """A dimension the factory's PQ accepts (multiple of its sub-quantizer count) for parsing."""
     m = re.search(r"PQ(\d+)", factory)
     return 8 * int(m.group(1)) if m else 8
-
-
-def estimate_bytes(factory: str, n: int, d: int) -> int:
-    """Rough resident size of the built index (codes + coarse quantizer + graph links)."""
-    total = 0
-    for part in factory.split(","):
-        if m := re.fullmatch(r"IVF(\d+)(_HNSW\d+)?", part):
-            total += int(m.group(1)) * d * 4 + n * 8  # centroids + stored ids
-        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?", part):
-            bits = int(m.group(2) or 8)
-            total += n * int(m.group(1)) * bits // 8 + (1 << bits) * d * 4
-        elif m := re.fullmatch(r"HNSW(\d+)(?:_.*)?", part):
-            total += n * int(m.group(1)) * 2 * 4 + (n * d * 4 if part == factory else 0)
-        elif part in ("Flat", "IDMap,Flat") or part.startswith("Flat"):
-            total += n * d * 4
-        elif part == "SQ8":
-            total += n * d
-        elif part == "SQfp16":
-            total += n * d * 2
-    return total
-
-
-def build_index(xb: np.ndarray, cfg: IndexConfig) -> tuple[faiss.Index, dict[str, Any]]:
-    """Train (on a sample) and fill the index; returns the CPU index and build facts."""
-    n, d = xb.shape
-    index = faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
-    on_gpu = cfg.use_gpu and gpu_available()
-    work = index
-    if on_gpu:
-        try:
-            work = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-        except RuntimeError as e:  # e.g. HNSW has no GPU version
-            log.info("index: %s stays on CPU (%s)", cfg.factory, str(e)[:100])
-            on_gpu = False
-    if not work.is_trained:
-        rng = np.random.default_rng(cfg.seed)
-        sample = xb[np.sort(rng.choice(n, min(n, cfg.train_sample), replace=False))]
-        try:
-            work.train(sample)
-        except RuntimeError as e:
-            raise ValueError(
-                f"FAISS could not train {cfg.factory!r} on {len(sample)} vectors: {str(e)[:200]} "
-                f"-- use Flat or fewer IVF cells (about n/39) for a memory this small") from e
-    work.add(xb)
-    cpu = faiss.index_gpu_to_cpu(work) if on_gpu else work
-    return cpu, {"gpu": on_gpu, "search_params": set_search_params(cpu, cfg.nprobe, cfg.ef_search)}
-
-
-def recall_vs_exact(index: faiss.Index, xb: np.ndarray, sample: int, seed: int) -> float:
-    """recall@10 of `index` against exact inner-product search, queries drawn from the memory."""
-    rng = np.random.default_rng(seed)
-    q = xb[rng.choice(len(xb), min(sample, len(xb)), replace=False)]
-    exact = faiss.IndexFlatIP(xb.shape[1])
-    exact.add(xb)
-    k = min(RECALL_K, len(xb))
-    _, truth = exact.search(q, k)
-    _, got = index.search(q, k)
-    hits = [len(set(t) & set(g)) for t, g in zip(truth, got, strict=True)]
-    return round(float(np.sum(hits)) / truth.size, 4)
 
 
 def common_encoder(root: DataRoot, shard_ids: list[str]) -> dict[str, Any]:
@@ -127,11 +103,66 @@ def common_encoder(root: DataRoot, shard_ids: list[str]) -> dict[str, Any]:
     return next(iter(seen.values()))
 
 
+def write_key_map(ctx: ShardContext, paths: Sequence[str], parts: int) -> tuple[list[int], str]:
+    """Stream key, sha256 (and the owning sub-index) into main.keys.parquet, one shard at a time;
+    returns (rows per part, the temp path written)."""
+    counts = np.zeros(parts, np.int64)
+    schema = pa.schema([("key", pa.string()), ("sha256", pa.string())]
+                       + ([("part", pa.int32())] if parts > 1 else []))
+    tmp = ctx.output_path("keys.parquet")
+    with ctx.root.fs.open(tmp, "wb") as f, \
+            pq.ParquetWriter(f, schema) as w:
+        for p in paths:
+            t = read_table(ctx.root, p, ["key", "sha256"])
+            owner = part_of(t["key"].to_pylist(), parts)
+            counts += np.bincount(owner, minlength=parts)
+            if parts > 1:
+                t = t.append_column("part", pa.array(owner, pa.int32()))
+            w.write_table(t.cast(schema))
+    return [int(c) for c in counts], tmp
+
+
+def trained_template(root: DataRoot, paths: Sequence[str], counts: Sequence[int], d: int,
+                     factory: str, cfg: IndexConfig) -> tuple[Any, int]:
+    """An empty index of `factory`, trained on the seeded sample when its type needs training."""
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return index, 0
+    sample = training_sample(root, paths, counts, cfg.train_sample, cfg.seed)
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise ValueError(
+            f"FAISS could not train {factory!r} on {len(sample)} vectors: {str(e)[:200]} "
+            f"-- use Flat or fewer IVF cells (about n/39) for a memory this small") from e
+    return index, len(sample)
+
+
+def build_one(blob: bytes, root: DataRoot, paths: Sequence[str], n: int, out: str,
+              use_gpu: bool) -> tuple[int, bool]:
+    """The single index, filled shard by shard (on GPU FAISS when available) and written to
+    `out`; returns (file bytes, built on GPU). Only the index and one shard are ever in memory."""
+    index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    if use_gpu and gpu_available():
+        try:
+            work = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+            return write_index(root, out, faiss.index_gpu_to_cpu(
+                add_shards(work, root, paths, n))), True
+        except RuntimeError as e:  # e.g. HNSW has no GPU version
+            log.info("index: stays on CPU (%s)", str(e)[:100])
+    return write_index(root, out, add_shards(index, root, paths, n)), False
+
+
 class IndexStage(Stage):
-    """One artifact shard `main`: main.faiss, main.keys.parquet, manifest with encoder and recall."""
+    """One artifact shard `main`: the index file(s), main.keys.parquet, manifest with encoder,
+    sizes and recall.
+
+    Sub-indexes are artifacts of this one shard rather than shards of their own: retrieve and
+    evaluate need the whole index or none, so the index commits (and is fingerprinted) as one.
+    """
 
     name = "index"
-    version = "1"
+    version = "2"
     config = IndexConfig
     description = "FAISS inner-product index over document embeddings + key map"
 
@@ -144,23 +175,71 @@ class IndexStage(Stage):
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: IndexConfig = ctx.cfg
         encoder = common_encoder(ctx.root, [i.shard_id for i in ctx.spec.inputs])
-        tables = [ctx.read_input(i, ["key", "sha256", "doc_emb"]) for i in range(len(ctx.spec.inputs))]
-        table = pa.concat_tables(tables)
-        xb = vectors(table)
-        n, d = xb.shape
-        est = estimate_bytes(cfg.factory, n, d)
-        log.info("index: %s over %d x %d vectors: ~%.1f MiB index, ~%.1f MiB vectors in memory",
-                 cfg.factory, n, d, est / 2**20, xb.nbytes / 2**20)
+        paths = [ctx.input_path(i) for i in range(len(ctx.spec.inputs))]
+        counts = row_counts(ctx.root, paths)
+        n, d = sum(counts), int(encoder["dim"])
+        part_rows, key_map = write_key_map(ctx, paths, cfg.shards)
+        budget = parse_bytes(cfg.max_memory) if cfg.max_memory else 0
+        factory = cfg.factory or choose_factory(n, d, budget, cfg.train_sample)
+        est = estimate_bytes(factory, n, d)
+        if budget and est > budget:
+            raise ValueError(f"config field `index.max_memory`: {factory} over {n} x {d} needs "
+                             f"~{est} bytes, over the budget {budget}: set index.factory = '' to "
+                             f"let the budget choose, or raise it")
+        log.info("index: %s over %d x %d vectors in %d part(s): ~%.1f MiB", factory, n, d,
+                 cfg.shards, est / 2**20)
         t0 = time.time()
-        index, facts = build_index(xb, cfg)
-        metrics = {"encoder": encoder, "dim": d, "ntotal": int(index.ntotal), "factory": cfg.factory,
-                   "memory_estimate_bytes": est, "build_seconds": round(time.time() - t0, 2), **facts}
-        if cfg.factory != "Flat":
-            metrics["recall@10_vs_exact"] = recall_vs_exact(index, xb, cfg.recall_sample, cfg.seed)
-        with ctx.root.fs.open(ctx.output_path("faiss"), "wb") as f:
-            f.write(faiss.serialize_index(index).tobytes())
-        with ctx.root.fs.open(ctx.output_path("keys.parquet"), "wb") as f:
-            pq.write_table(table.select(["key", "sha256"]), f)
-        return ShardResult(rows_in=n, rows_out=int(index.ntotal), metrics=metrics)
+        template, trained_on = trained_template(ctx.root, paths, counts, d, factory, cfg)
+        blob = faiss.serialize_index(template).tobytes()  # empty and trained: centroids only
+        del template
+        outs = [ctx.output_path(s) for s in part_suffixes(cfg.shards)]
+        gpu = False
+        if cfg.shards == 1:
+            size, gpu = build_one(blob, ctx.root, paths, n, outs[0], cfg.use_gpu)
+            sizes = [size]
+        else:
+            sizes = build_parts(ctx.root, paths, blob, part_rows, outs, cfg)
+        built = time.time() - t0
+        searched = reopen(ctx.root, outs, key_map, factory)
+        if searched.ntotal != n:
+            raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
+        metrics = {"encoder": encoder, "dim": d, "ntotal": n, "factory": factory,
+                   "factory_from": "index.factory" if cfg.factory else "index.max_memory",
+                   "parts": cfg.shards, "part_rows": part_rows,
+                   "memory_estimate_bytes": est, "index_bytes": int(sum(sizes)),
+                   "max_memory_bytes": budget, "train_vectors": trained_on,
+                   "build_seconds": round(built, 2), "gpu": gpu,
+                   "search_params": set_search_params(searched, cfg.nprobe, cfg.ef_search)}
+        if factory != "Flat":
+            metrics["recall@10_vs_exact"] = recall_vs_exact(searched, ctx.root, paths, counts,
+                                                            cfg.recall_sample, cfg.seed, RECALL_K)
+        return ShardResult(rows_in=n, rows_out=n, metrics=metrics)
 
 
+def reopen(root: DataRoot, outs: list[str], key_map: str, factory: str) -> Any:
+    """The written index read back as retrieve will see it (memory-mapped on local roots)."""
+    parts = [read_built(root, p, factory) for p in outs]
+    if len(parts) == 1:
+        return parts[0]
+    with root.fs.open(key_map, "rb") as f:
+        owner = pq.read_table(f, columns=["part"])["part"].to_numpy()
+    return ShardedIndex(parts, [np.flatnonzero(owner == p) for p in range(len(parts))])
+
+
+def read_built(root: DataRoot, path: str, factory: str) -> Any:
+    if root.is_local:
+        return read_index_file(path, factory)
+    with root.fs.open(path, "rb") as f:  # object store: the recall check reads it once
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+
+
+def build_parts(root: DataRoot, paths: list[str], blob: bytes, part_rows: list[int],
+                outs: list[str], cfg: IndexConfig) -> list[int]:
+    """Build the sub-indexes in parallel on Beam (one element per part); returns file sizes."""
+    from pipelines.retrieval.index_parts import build_on_beam
+
+    opts = list(cfg.beam_options) or [
+        "--runner=DirectRunner", "--direct_running_mode=multi_processing",
+        f"--direct_num_workers={min(cfg.shards, os.cpu_count() or 1)}"]
+    build_on_beam(root.uri, paths, blob, part_rows, outs, opts)
+    return [int(root.fs.size(o)) for o in outs]
