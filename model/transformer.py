@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # One (k, v) pair per layer, each (B, H, S, Dh); S grows as tokens are fed.
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -60,6 +61,15 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tenso
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask: token i sees token j iff j <= i and both are in one segment
+    (one packed example); the diagonal is always allowed, so no row is empty."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -68,7 +78,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
+                past: tuple[torch.Tensor, torch.Tensor] | None,
+                block_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k = rotary(q, positions, self.base), rotary(k, positions, self.base)  # (B, H, T, Dh)
@@ -76,7 +87,9 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         S = k.shape[2]
         drop = self.dropout if self.training else 0.0
-        if S == T:  # no cache: plain causal attention over the packed sequence
+        if block_mask is not None and past is None:  # packed examples do not see each other
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, dropout_p=drop)
+        elif S == T:  # no cache: plain causal attention over the packed sequence
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:  # new tokens see the whole cache plus the new tokens before them
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
@@ -103,8 +116,9 @@ class Block(nn.Module):
         self.attn, self.mlp = Attention(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, past=None):
-        a, kv = self.attn(self.ln1(x), positions, past)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, past=None,
+                block_mask: torch.Tensor | None = None):
+        a, kv = self.attn(self.ln1(x), positions, past, block_mask)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln2(x))), kv
 
@@ -121,6 +135,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.activation_checkpointing = False  # a training option (train.activation_checkpointing)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("proj.weight", "down.weight")):
@@ -132,14 +147,29 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """ids, positions (B, T) -> logits (B, T, V) and the cache extended by these T tokens."""
+                cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """ids, positions (B, T) -> logits (B, T, V) and the cache extended by these T tokens.
+        `segments` (B, T), training only: tokens attend only within their own segment."""
+        x, new_cache = self.hidden(ids, positions, cache, segments)
+        return self.head(x), new_cache
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+               segments: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """The final normed hidden states (B, T, C), before the output projection (so a
+        chunked loss can project a few tokens at a time)."""
         x = self.embed(ids)  # (B, T, C)
+        mask = block_causal_mask(segments) if segments is not None and cache is None else None
         new_cache: KVCache = []
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, positions, None if cache is None else cache[i])
+            past = None if cache is None else cache[i]
+            if ckpt:  # recompute the block in backward: activations of one block at a time
+                x, kv = checkpoint(block, x, positions, past, mask, use_reentrant=False)
+            else:
+                x, kv = block(x, positions, past, mask)
             new_cache.append(kv)
-        return self.head(self.ln_f(x)), new_cache
+        return self.ln_f(x), new_cache
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -60,11 +60,56 @@ class Corpus:
     held_out: frozenset[str] = frozenset()  # never trained on, as main or as retrieved document
     _train_keys: list[str] | None = field(default=None, repr=False)
 
+    _all_keys: list[str] | None = field(default=None, repr=False)
+
     def train_keys(self) -> list[str]:
         """Sorted keys of the documents training may use."""
         if self._train_keys is None or len(self._train_keys) + len(self.held_out) < len(self.docs):
             self._train_keys = sorted(k for k in self.docs if k not in self.held_out)
         return self._train_keys
+
+    # The DocSource interface (also implemented by token_store.StoreCorpus, by integer id).
+    def n_items(self) -> int:
+        return len(self.docs)
+
+    def item(self, i: int) -> str:
+        if self._all_keys is None or len(self._all_keys) != len(self.docs):
+            self._all_keys = sorted(self.docs)
+        return self._all_keys[i]
+
+    def doc(self, h: str) -> np.ndarray:
+        return self.docs[h]
+
+    def has_doc(self, h: str) -> bool:
+        return h in self.docs
+
+    def is_held(self, h: str) -> bool:
+        return h in self.held_out
+
+    def label(self, h: str) -> str:
+        return h
+
+    def neighbour_lists(self, h: str) -> dict[tuple[str, int], list[str]] | None:
+        return self.neighbours.get(h)
+
+    def longest(self) -> int:
+        return max(map(len, self.docs.values()))
+
+
+class DocSource(Protocol):
+    """What sequence assembly reads: documents by handle (a key, or a token-store integer id)."""
+
+    vocab: Vocab
+    lineage: dict[str, Any]
+
+    def n_items(self) -> int: ...
+    def item(self, i: int) -> Any: ...
+    def doc(self, h: Any) -> np.ndarray: ...
+    def has_doc(self, h: Any) -> bool: ...
+    def is_held(self, h: Any) -> bool: ...
+    def label(self, h: Any) -> str: ...
+    def neighbour_lists(self, h: Any) -> dict[tuple[str, int], list[Any]] | None: ...
+    def longest(self) -> int: ...
 
 
 def is_held_out(key: str, fraction: float) -> bool:
@@ -92,14 +137,14 @@ class Unit:
 # ---------------------------------------------------------------------------- drawing neighbours
 
 
-def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int,
-                      random_docs: bool, counts: Counter) -> list[str]:
-    """Up to k neighbour keys of `key`, best first: from a random query part and dropout variant."""
+def choose_neighbours(rng: np.random.Generator, key: Any, corpus: DocSource, k: int,
+                      random_docs: bool, counts: Counter) -> list[Any]:
+    """Up to k neighbours of `key`, best first: from a random query part and dropout variant."""
     if k == 0:
         return []
     if random_docs:
         return random_keys(rng, key, corpus, k)
-    lists = corpus.neighbours.get(key)
+    lists = corpus.neighbour_lists(key)
     if not lists:
         counts["no_neighbour_row"] += 1
         return []
@@ -108,23 +153,29 @@ def choose_neighbours(rng: np.random.Generator, key: str, corpus: Corpus, k: int
     variants = sorted(v for q, v in lists if q == query)
     dropout = [v for v in variants if v > 0] or variants  # training uses query dropout (§3.2)
     chosen = lists[(query, dropout[rng.integers(len(dropout))])]
-    out: list[str] = []
+    out: list[Any] = []
     for nk in chosen:
         if len(out) == k:
             break
-        if nk in corpus.held_out:
-            counts["neighbour_held_out"] += 1
-        elif nk in corpus.docs:
-            out.append(nk)
-        else:
+        if not corpus.has_doc(nk):
             counts["neighbour_missing_tokens"] += 1
+        elif corpus.is_held(nk):
+            counts["neighbour_held_out"] += 1
+        else:
+            out.append(nk)
     return out
 
 
-def random_keys(rng: np.random.Generator, key: str, corpus: Corpus, k: int) -> list[str]:
-    keys = corpus.train_keys()
-    picks = [keys[i] for i in rng.choice(len(keys), size=min(k + 1, len(keys)), replace=False)]
-    return [p for p in picks if p != key][:k]
+def random_keys(rng: np.random.Generator, key: Any, corpus: DocSource, k: int) -> list[Any]:
+    """k random training documents other than `key` (rejection sampling: no list of all keys)."""
+    n, out = corpus.n_items(), []
+    for _ in range(8 * (k + 1)):  # bounded: a corpus that is nearly all held out gives fewer
+        if len(out) == k:
+            break
+        h = corpus.item(int(rng.integers(n)))
+        if h != key and h not in out and not corpus.is_held(h):
+            out.append(h)
+    return out
 
 
 # ---------------------------------------------------------------------------- causal masking
@@ -195,50 +246,77 @@ def fit_unit(retrieved: list[np.ndarray], main: np.ndarray, cfg: AssemblyConfig,
     return retrieved, main[: cfg.seq_len]
 
 
-def draw_unit(rng: np.random.Generator, key: str, corpus: Corpus, cfg: AssemblyConfig,
+def draw_unit(rng: np.random.Generator, key: Any, corpus: DocSource, cfg: AssemblyConfig,
               counts: Counter) -> Unit | None:
     """One training example for main document `key`: K ~ U{0..k_max}, neighbours, masking."""
     k = int(rng.integers(0, cfg.k_max + 1))
     counts[f"k{k}"] += 1
     neighbours = choose_neighbours(rng, key, corpus, k, cfg.random_neighbours, counts)
-    main = maybe_mask(rng, corpus.docs[key], corpus.vocab, cfg)
-    retrieved, fitted = fit_unit([corpus.docs[n] for n in neighbours], main, cfg, counts)
+    main = maybe_mask(rng, corpus.doc(key), corpus.vocab, cfg)
+    retrieved, fitted = fit_unit([corpus.doc(n) for n in neighbours], main, cfg, counts)
     if fitted is None:
         return None
     main = fitted
     counts["retrieved_docs"] += len(retrieved)
-    return assemble(retrieved, main, cfg.alpha, key)
+    return assemble(retrieved, main, cfg.alpha, corpus.label(key))
 
 
 # ---------------------------------------------------------------------------- packing
 
 
-def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
-         lookahead: int = 16) -> Iterator[dict[str, Any]]:
-    """Pack whole units into sequences of exactly seq_len tokens, padding the rest.
+class Packer:
+    """First-fit packing of whole units into sequences of exactly seq_len tokens.
 
-    Each sequence takes, in arrival order, the first units of a `lookahead` pool that still fit
-    (first fit), so RA-CM3's mixed-length units waste little padding. A unit never straddles
-    two sequences. Vanilla CM3 (one document per unit) packs several main documents per
-    sequence where RA-CM3 packs retrieved ones: equal tokens per step.
+    Each sequence takes, in arrival order, the first units of a `lookahead` pool that still fit,
+    so RA-CM3's mixed-length units waste little padding; a unit never straddles two sequences.
+    Vanilla CM3 (one document per unit) packs several main documents per sequence where RA-CM3
+    packs retrieved ones: equal tokens per step. The pool is part of the stream's saved state.
     """
-    it = iter(units)
-    pool: list[Unit] = list(islice(it, lookahead))
-    while pool:
+
+    def __init__(self, next_unit: Callable[[], Unit | None], seq_len: int, counts: Counter,
+                 lookahead: int = 16, pool: list[Unit] | None = None):
+        self.next_unit, self.seq_len, self.counts = next_unit, seq_len, counts
+        self.lookahead, self.pool = lookahead, list(pool or [])
+
+    def _draw(self) -> None:
+        u = self.next_unit()
+        if u is not None:
+            self.pool.append(u)
+
+    def next(self) -> dict[str, Any] | None:
+        """The next packed sequence, or None when the units are exhausted."""
+        while len(self.pool) < self.lookahead:
+            n = len(self.pool)
+            self._draw()
+            if len(self.pool) == n:
+                break
+        if not self.pool:
+            return None
         buf: list[Unit] = []
         used = 0
-        while (i := next((j for j, u in enumerate(pool) if used + len(u) <= seq_len), None)) is not None:
-            unit = pool.pop(i)
+        while (i := next((j for j, u in enumerate(self.pool) if used + len(u) <= self.seq_len),
+                         None)) is not None:
+            unit = self.pool.pop(i)
             buf.append(unit)
             used += len(unit)
-            pool.extend(islice(it, 1))
+            self._draw()
         if not buf:  # a unit longer than seq_len: fit_unit prevents it, refuse loudly otherwise
-            raise ValueError(f"unit of {len(pool[0])} tokens exceeds seq_len {seq_len}")
-        yield finish(buf, seq_len, counts)
+            raise ValueError(f"unit of {len(self.pool[0])} tokens exceeds seq_len {self.seq_len}")
+        return finish(buf, self.seq_len, self.counts)
+
+
+def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
+         lookahead: int = 16) -> Iterator[dict[str, Any]]:
+    """Pack an iterable of units (see `Packer`)."""
+    it = iter(units)
+    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
+    while (seq := packer.next()) is not None:
+        yield seq
 
 
 def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
-    """Concatenate units and pad to seq_len (pad tokens have weight 0 and role ROLE_PAD)."""
+    """Concatenate units and pad to seq_len (pad tokens have weight 0 and role ROLE_PAD);
+    `segments` numbers the units 0.. (padding is one more), for the block-diagonal mask."""
     pad = seq_len - sum(map(len, units))
     counts["sequences"] += 1
     counts["pad_tokens"] += pad
@@ -247,50 +325,123 @@ def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
     def cat(name: str, fill: float, dtype: Any) -> np.ndarray:
         return np.concatenate([getattr(u, name) for u in units] + [np.full(pad, fill, dtype)])
 
+    segments = np.concatenate([np.full(len(u), i, np.int32) for i, u in enumerate(units)]
+                              + [np.full(pad, len(units), np.int32)])
     return {"ids": cat("ids", PAD, np.int64), "positions": cat("positions", 0, np.int64),
             "weights": cat("weights", 0.0, np.float32), "roles": cat("roles", ROLE_PAD, np.int8),
-            "keys": [u.key for u in units]}
+            "segments": segments, "keys": [u.key for u in units]}
 
 
 # ---------------------------------------------------------------------------- dataset
 
+ORDER_BLOCK = 1 << 16  # epoch order = shuffled blocks of shuffled ids: O(block) memory, any size
+
+
+def reader_order(n: int, seed: int, epoch: int, reader: int, n_readers: int,
+                 start: int = 0) -> Iterator[tuple[int, int]]:
+    """(global position, document index) of one reader's share of an epoch, from `start`.
+
+    The epoch's order is one permutation of 0..n-1 for all readers (blocks in a random order,
+    each block shuffled, all from (seed, epoch)); reader r takes positions r, r + R, ...
+    so readers are disjoint and any position can be resumed without the positions before it.
+    """
+    nblocks = max(1, -(-n // ORDER_BLOCK))
+    blocks = np.random.default_rng([seed, epoch, 1 << 30]).permutation(nblocks)
+    g0 = 0
+    for bid in blocks:
+        size = min(ORDER_BLOCK, n - int(bid) * ORDER_BLOCK)
+        if g0 + size > start:
+            perm = int(bid) * ORDER_BLOCK + np.random.default_rng(
+                [seed, epoch, 1 << 30, int(bid)]).permutation(size)
+            gs = np.arange(g0, g0 + size)
+            sel = (gs >= start) & (gs % n_readers == reader)
+            yield from zip(gs[sel].tolist(), perm[sel].tolist(), strict=True)
+        g0 += size
+
 
 class SequenceStream(IterableDataset):
-    """Endless stream of packed sequences: each epoch shuffles main documents by (seed, epoch)."""
+    """Endless stream of packed sequences: each epoch shuffles main documents by (seed, epoch).
 
-    def __init__(self, corpus: Corpus, cfg: AssemblyConfig, seed: int = 0, start_epoch: int = 0):
+    Every sequence carries `state`, its reader's position after it (epoch, order position, RNG,
+    packing pool): `StreamCheckpoint` saves the state of the last trained batch of each reader and
+    hands it back through `resume`, so a resumed run continues with the very next batch.
+    """
+
+    def __init__(self, corpus: DocSource, cfg: AssemblyConfig, seed: int = 0,
+                 start_epoch: int = 0, lookahead: int = 16):
         super().__init__()
         self.corpus, self.cfg, self.seed, self.start_epoch = corpus, cfg, seed, start_epoch
+        self.lookahead = lookahead
         self.counts: Counter = Counter()  # drop/skip counts (visible in-process with 0 workers)
         self.modality_table = modality_table(corpus.vocab)
-
-    def units(self, epoch: int, worker: int, n_workers: int) -> Iterator[Unit]:
-        rng = np.random.default_rng([self.seed, epoch, worker])
-        keys = self.corpus.train_keys()
-        for i in rng.permutation(len(keys))[worker::n_workers]:
-            unit = draw_unit(rng, keys[i], self.corpus, self.cfg, self.counts)
-            if unit is not None:
-                yield unit
+        self.resume: dict[str, Any] | None = None  # {"batches": n, "readers": {reader: state}}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, n_workers = shard_of_stream()
-        epoch = self.start_epoch
+        worker, n_workers, rank, world = stream_position()
+        batches = int((self.resume or {}).get("batches", 0))
+        # A fresh DataLoader asks worker 0 first; after `batches` batches the next one is due from
+        # worker role batches % n_workers, so worker w plays that role shifted by w.
+        role = (worker + batches) % n_workers
+        reader, n_readers = rank * n_workers + role, world * n_workers
+        state = (self.resume or {}).get("readers", {}).get(reader)
+        if state is not None and state["n_readers"] != n_readers:
+            raise ValueError(f"checkpoint was taken with {state['n_readers']} data readers "
+                             f"(ranks x workers), this run has {n_readers}: resume with the same "
+                             f"train.devices and train.num_workers")
+        yield from self.sequences(reader, n_readers, state)
+
+    def sequences(self, reader: int, n_readers: int,
+                  state: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """The sequences of reader `reader` of `n_readers`, from `state` or the start."""
+        if state is None:
+            epoch, cursor, pool = self.start_epoch, 0, []
+            rng = np.random.default_rng([self.seed, epoch, reader])
+        else:
+            epoch, cursor, pool = int(state["epoch"]), int(state["cursor"]), list(state["pool"])
+            rng = np.random.default_rng()
+            rng.bit_generator.state = state["rng"]
+        n = self.corpus.n_items()
         while True:
-            for seq in pack(self.units(epoch, worker, n_workers), self.cfg.seq_len, self.counts):
+            pos = [cursor]  # the next order position, advanced by _next_unit
+            next_unit = partial(self._next_unit, reader_order(
+                n, self.seed, epoch, reader, n_readers, cursor), rng, pos)
+            packer = Packer(next_unit, self.cfg.seq_len, self.counts, self.lookahead, pool)
+            while (seq := packer.next()) is not None:
                 seq["modality"] = self.modality_table[seq["ids"]]
+                seq["state"] = {"reader": reader, "n_readers": n_readers, "epoch": epoch,
+                                "cursor": pos[0], "rng": rng.bit_generator.state,
+                                "pool": list(packer.pool)}
                 yield seq
-            epoch += 1
+            epoch, cursor, pool = epoch + 1, 0, []
+            rng = np.random.default_rng([self.seed, epoch, reader])
+
+    def _next_unit(self, order: Iterator[tuple[int, int]], rng: np.random.Generator,
+                   pos: list[int]) -> Unit | None:
+        for g, i in order:
+            pos[0] = g + 1
+            h = self.corpus.item(i)
+            if self.corpus.is_held(h):
+                continue
+            unit = draw_unit(rng, h, self.corpus, self.cfg, self.counts)
+            if unit is not None:
+                return unit
+        return None
 
 
-def shard_of_stream() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x loader workers, so that each
-    rank and worker assembles a disjoint slice of the main documents."""
+def stream_position() -> tuple[int, int, int, int]:
+    """(loader worker, loader workers, DDP rank, world size) of the calling reader."""
     info = get_worker_info()
     worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() * n_workers + worker, dist.get_world_size() * n_workers
-    return worker, n_workers
+        return worker, n_workers, dist.get_rank(), dist.get_world_size()
+    return worker, n_workers, 0, 1
+
+
+def shard_of_stream() -> tuple[int, int]:
+    """(this reader's index, number of readers) over DDP ranks x loader workers."""
+    worker, n_workers, rank, world = stream_position()
+    return rank * n_workers + worker, world * n_workers
 
 
 def modality_table(vocab: Vocab) -> np.ndarray:
@@ -301,8 +452,11 @@ def modality_table(vocab: Vocab) -> np.ndarray:
 def collate(seqs: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack per-sequence arrays into (B, T) tensors; main-document keys stay a list of lists."""
     out: dict[str, Any] = {k: torch.from_numpy(np.stack([s[k] for s in seqs]))
-                           for k in ("ids", "positions", "weights", "roles", "modality")}
+                           for k in ("ids", "positions", "weights", "roles", "modality",
+                                     "segments")}
     out["keys"] = [s["keys"] for s in seqs]
+    if "state" in seqs[-1]:  # the reader's position after this batch (exact resume)
+        out["stream_state"] = seqs[-1]["state"]
     return out
 
 
@@ -399,7 +553,7 @@ def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | No
                   held_out=held_out)
 
 
-def longest_unit(corpus: Corpus, cfg: AssemblyConfig) -> int:
+def longest_unit(corpus: DocSource, cfg: AssemblyConfig) -> int:
     """Tokens of the longest possible example: (k_max + 1) longest documents, masked."""
-    longest = max(map(len, corpus.docs.values()))
+    longest = corpus.longest()
     return (cfg.k_max + 1) * longest + 2 * cfg.max_spans + 1

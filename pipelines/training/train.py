@@ -1,9 +1,19 @@
-"""Stage `train`: RA-CM3 or vanilla CM3 trained with Lightning on token + neighbour shards (§3.3, §4.1).
+"""Stage `train`: RA-CM3 or vanilla CM3 trained with Lightning on the packed token store (§3.3, §4.1).
 
 The plain `model.transformer.Transformer` is wrapped by `CM3Module` (loss L_main + alpha L_retr,
-Adam, warm-up + linear decay). Checkpoints and logs live in `<root>/train/<variant>/<fingerprint>/`
-so a re-run after an interruption resumes from `last.ckpt`; the finished model is committed as
-`<root>/train/<variant>.pt` and the manifest records the lineage (codebook, index, token digests).
+Adam, warm-up + linear decay). Training reads `pack`'s memory-mapped token store. Checkpoints and
+logs live in `<root>/train/<name>/<fingerprint>/` (name = train.name, default the variant), so a
+re-run after an interruption resumes from `last.ckpt` at the exact next batch (the stream state is
+in the checkpoint); the finished model is committed as `<root>/train/<name>.pt` and the manifest
+records the lineage (codebook, index, token digests). Every load is weights-only, and data-root
+files are reached only through fsspec (an object-store root trains in a local work dir, synced).
+
+GPU settings (checked in TrainConfig): precision bf16-mixed (auto on GPUs that have it);
+attention is torch SDPA, which takes the flash kernel for plain causal attention
+(train.block_mask=false) and the memory-efficient kernel with the block-diagonal mask;
+strategy ddp or fsdp (fsdp needs accelerator gpu); train.activation_checkpointing recomputes each
+block in backward; train.ce_chunk > 0 computes the loss ce_chunk tokens at a time, so float32
+logits never exist for the whole batch (B x T x V at the paper's 4096 x 2 x 65k would be 2 GB).
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -19,28 +31,34 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from model.transformer import Transformer, TransformerConfig, preset
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.training.checkpoints import save_model
+from pipelines.training.resume import StreamCheckpoint
 from pipelines.training.sequences import (
     ROLE_MAIN,
     ROLE_RETRIEVED,
     AssemblyConfig,
-    Corpus,
+    DocSource,
     SequenceStream,
+    check_pins,
     collate,
-    load_corpus,
     longest_unit,
 )
+from pipelines.training.token_store import open_store
+from pipelines.training.workdir import WorkDir
 from storage.fs import DataRoot
 from storage.manifest import combined_digest, list_manifests, upstream_ref
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("ra-cm3", "vanilla")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "single_device")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 TEXT, IMAGE = 1, 2  # modality codes (model.document)
 
 
@@ -56,9 +74,11 @@ class TrainConfig(StageConfig):
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"accelerator", "devices", "strategy", "num_workers", "threads", "checkpoint_every",
-         "log_every", "progress_bar"})
+         "log_every", "progress_bar", "activation_checkpointing", "ce_chunk", "work_dir"})
 
     variant: str = "ra-cm3"  # "ra-cm3" (K ~ U{0..k_max} retrieved docs) or "vanilla" (K = 0)
+    name: str = ""  # output shard id: train/<name>.pt ("" = the variant); one per ablation run
+    block_mask: bool = True  # packed examples cannot attend to each other (false: the old way)
     model: str = "demo"  # model preset in model.transformer.PRESETS ("demo" | "paper")
     dropout: float = 0.0  # residual/attention dropout of the decoder
     seq_len: int = 0  # tokens per packed sequence; 0 = (k_max + 1) longest documents, masked
@@ -89,9 +109,23 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = 100  # steps between checkpoints (last.ckpt is overwritten)
     log_every: int = 10  # steps between logged rows
     progress_bar: bool = True  # show Lightning's progress bar
+    activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
+    ce_chunk: int = 0  # tokens per chunk of the loss's output projection (0 = all at once)
+    work_dir: str = ""  # local dir for checkpoints/logs when the data root is not local
 
     def __post_init__(self) -> None:
         self.check(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        self.check(self.name == "" or (self.name.replace("-", "").replace("_", "").replace(".", "")
+                                       .isalnum() and not self.name.startswith(".")),
+                   "name", "must be letters, digits, '-', '_' or '.' (a file name)")
+        self.check(self.strategy in STRATEGIES, "strategy", f"must be one of {STRATEGIES}")
+        self.check(self.strategy != "fsdp" or self.accelerator in ("gpu", "cuda", "auto"),
+                   "strategy", "fsdp needs accelerator gpu (Lightning has no CPU FSDP)")
+        self.check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        self.check(not (self.precision.startswith("bf16") and self.accelerator == "cpu"
+                        and self.strategy == "fsdp"), "precision", "bf16 FSDP needs a GPU")
+        self.check(self.ce_chunk >= 0, "ce_chunk", "must be >= 0 (0 = plain cross-entropy)")
+        self.check(self.num_workers >= 0, "num_workers", "must be >= 0")
         self.check(self.model in ("demo", "paper"), "model", "must be a model preset: demo, paper")
         self.check(self.seq_len >= 0, "seq_len", "must be >= 0 (0 = automatic)")
         self.check(self.batch_size > 0 and self.max_steps > 0, "max_steps", "steps/batch must be > 0")
@@ -106,6 +140,11 @@ class TrainConfig(StageConfig):
         self.check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
 
     @property
+    def out_name(self) -> str:
+        """The output shard id and checkpoint file name: train/<out_name>.pt."""
+        return self.name or self.variant
+
+    @property
     def uses_neighbours(self) -> bool:
         return self.variant == "ra-cm3" and not self.random_neighbours and self.k_max > 0
 
@@ -115,7 +154,7 @@ class TrainConfig(StageConfig):
                               max_spans=self.max_spans, max_span_frac=self.max_span_frac,
                               random_neighbours=self.random_neighbours, overlong=self.overlong)
 
-    def resolve_seq_len(self, corpus: Corpus) -> int:
+    def resolve_seq_len(self, corpus: DocSource) -> int:
         """Explicit seq_len, or room for k_max + 1 documents (the same for both variants, so
         vanilla packs more main documents into the same tokens per step)."""
         auto = AssemblyConfig(k_max=self.k_max, max_spans=self.max_spans)
@@ -125,12 +164,14 @@ class TrainConfig(StageConfig):
 # ---------------------------------------------------------------------------- loss
 
 
-def sequence_losses(model: Transformer, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def sequence_losses(model: Transformer, batch: dict[str, torch.Tensor], block_mask: bool = True,
+                    ce_chunk: int = 0) -> dict[str, torch.Tensor]:
     """L = (sum over main tokens of NLL + alpha * sum over retrieved tokens) / main tokens (Eq. 2-3),
-    plus the detached terms to log: L_main, L_retr, text and image NLL of the main documents."""
-    logits, _ = model(batch["ids"][:, :-1], batch["positions"][:, :-1])  # (B, T-1, V)
-    target = batch["ids"][:, 1:]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, T-1)
+    plus the detached terms to log: L_main, L_retr, text and image NLL of the main documents.
+    `block_mask`: each packed example attends only to itself (needs batch["segments"])."""
+    segments = batch["segments"][:, :-1] if block_mask and "segments" in batch else None
+    nll = token_nll(model, batch["ids"][:, :-1], batch["positions"][:, :-1], batch["ids"][:, 1:],
+                    segments, ce_chunk)  # (B, T-1)
     weights, roles, modality = (batch[k][:, 1:] for k in ("weights", "roles", "modality"))
     main = roles == ROLE_MAIN
     out = {"loss": (nll * weights).sum() / main.sum().clamp(min=1)}
@@ -140,6 +181,32 @@ def sequence_losses(model: Transformer, batch: dict[str, torch.Tensor]) -> dict[
         out[name] = d[sel].mean() if sel.any() else d.new_tensor(float("nan"))
     out["tokens"] = (roles > 0).sum()
     return out
+
+
+def token_nll(model: Transformer, ids: torch.Tensor, positions: torch.Tensor,
+              targets: torch.Tensor, segments: torch.Tensor | None, ce_chunk: int) -> torch.Tensor:
+    """Per-token NLL (B, T) of `targets`; chunked when ce_chunk > 0 (see `chunked_nll`)."""
+    if ce_chunk <= 0:
+        logits, _ = model(ids, positions, segments=segments)  # (B, T, V)
+        return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    hidden, _ = model.hidden(ids, positions, segments=segments)
+    return chunked_nll(hidden, model.head.weight, targets, ce_chunk)
+
+
+def chunked_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+    """Cross-entropy of hidden @ weight.T, `chunk` tokens at a time. Each chunk's logits (made
+    float32 for the softmax) are recomputed in backward instead of saved, so at most one chunk of
+    float32 logits exists at any time: memory O(chunk x V), not O(B x T x V)."""
+    B, T, C = hidden.shape
+    h, t = hidden.reshape(B * T, C), targets.reshape(B * T)
+    parts = [checkpoint(_chunk_nll, h[i:i + chunk], weight, t[i:i + chunk], use_reentrant=False)
+             for i in range(0, B * T, chunk)]
+    return torch.cat(parts).view(B, T)
+
+
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ weight.t()).float(), t, reduction="none")
 
 
 def lr_lambda(warmup: int, total: int):
@@ -166,7 +233,8 @@ class CM3Module(L.LightningModule):
         self.train_cfg = train
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = sequence_losses(self.model, batch)
+        t = self.train_cfg
+        losses = sequence_losses(self.model, batch, t.get("block_mask", True), t.get("ce_chunk", 0))
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"loss is {losses['loss'].item()} at step {self.global_step}, batch {batch_idx} "
@@ -216,10 +284,12 @@ def loggers(workdir: str) -> list[Any]:
     return out
 
 
-def make_trainer(cfg: TrainConfig, workdir: str, callbacks: list[Any]) -> L.Trainer:
+def make_trainer(cfg: TrainConfig, workdir: str, checkpoint_dir: str,
+                 callbacks: list[Any]) -> L.Trainer:
+    """Logs under the local `workdir`, checkpoints under `checkpoint_dir` (any fsspec URL)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=f"{workdir}/checkpoints", save_last=True, save_top_k=0,
+    ckpt = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint_every)
     devices: Any = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
     precision: Any = resolve_precision(cfg.precision)  # a string Lightning validates itself
@@ -248,94 +318,120 @@ class TrainResult:
     last_losses: dict[str, float]
     resumed_from: int
     tokens_per_s: float  # sequence tokens (padding included) through the model per second
+    global_zero: bool = True  # False on DDP ranks other than 0
 
 
-def resume_step(ckpt_path: str | None) -> int:
-    if ckpt_path is None:
+def resume_step(root: DataRoot, ckpt_url: str | None) -> int:
+    """The step a checkpoint was taken at (weights-only: a data-root file is never unpickled)."""
+    if ckpt_url is None:
         return 0
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=False)["global_step"])
+    with root.fs.open(root.fs._strip_protocol(ckpt_url), "rb") as f:
+        return int(torch.load(f, map_location="cpu", weights_only=True)["global_step"])
 
 
 def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None = None,
           callbacks: list[Any] | None = None) -> TrainResult:
-    """Train (or resume) in `workdir`; save the plain model to `out_path` when finished."""
+    """Train (or resume) with checkpoints under `workdir` (a data-root path); save the plain model
+    to `out_path` (a data-root path) when finished. On a non-local root the run happens in a local
+    work dir whose checkpoints are uploaded as they are written (and downloaded to resume)."""
     pins = {"codebook": cfg.pin_codebook, "index_fingerprint": cfg.pin_index}
-    corpus = load_corpus(root, cfg.uses_neighbours, pins, cfg.holdout_fraction)
+    corpus = open_store(root, cfg.uses_neighbours, cfg.holdout_fraction,
+                        cache_dir=os.path.join(cfg.work_dir, "pack") if cfg.work_dir else None)
+    check_pins(corpus.lineage, pins)
     seq_len = cfg.resolve_seq_len(corpus)
     mcfg = preset(cfg.model, corpus.vocab.size, dropout=cfg.dropout,
                   max_seq_len=max(seq_len, preset(cfg.model, 1).max_seq_len))
-    write_run_record(workdir, cfg, corpus, seq_len)
-    last = f"{workdir}/checkpoints/last.ckpt"
-    ckpt_path = last if root.fs.exists(last) else None
-    start = resume_step(ckpt_path)
+    sync = WorkDir(root, workdir, cfg.work_dir)
+    write_run_record(root, workdir, cfg, corpus, seq_len)
+    ckpt_path = sync.fetch_last()
+    start = resume_step(root, ckpt_path)
     if ckpt_path:
-        log.info("train/%s: resuming from %s at step %d", cfg.variant, last, start)
+        log.info("train/%s: resuming from %s at step %d", cfg.out_name, ckpt_path, start)
     # 0 = torch's default as it was at start-up: earlier stages in the same process (fit-clip,
     # tokenize under `racm3 demo`) pin 1 thread, which would otherwise halve training speed.
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else DEFAULT_THREADS)
     L.seed_everything(cfg.seed, verbose=False)
-    module = CM3Module(mcfg.to_dict(), cfg.params())
+    module = CM3Module(mcfg.to_dict(), {**cfg.params(), "ce_chunk": cfg.ce_chunk})
+    module.model.activation_checkpointing = cfg.activation_checkpointing
+    # start_epoch only matters for a checkpoint without stream state (older code)
     stream = SequenceStream(corpus, cfg.assembly(seq_len), seed=cfg.seed, start_epoch=start)
     loader = DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
                         num_workers=cfg.num_workers)
-    trainer = make_trainer(cfg, workdir, callbacks or [])
+    trainer = make_trainer(cfg, sync.local, sync.checkpoint_dir,
+                           [StreamCheckpoint(stream), *(callbacks or [])])
     t0 = time.time()
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
-    if out_path is not None:
-        save_model(out_path, module.model, corpus.vocab, corpus.lineage, cfg.params())
+    trainer.fit(module, loader, ckpt_path=ckpt_path, weights_only=True)
+    if out_path is not None and trainer.is_global_zero:
+        save_model(root, out_path, module.model, corpus.vocab, corpus.lineage, cfg.params())
+    sync.finish()
     seconds = time.time() - t0
     losses = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tokens = (trainer.global_step - start) * cfg.batch_size * seq_len
     return TrainResult(steps=trainer.global_step, seconds=seconds, seq_len=seq_len,
                        counts=stream.counts, lineage=dict(corpus.lineage), last_losses=losses,
-                       resumed_from=start, tokens_per_s=tokens / max(seconds, 1e-9))
+                       resumed_from=start, tokens_per_s=tokens / max(seconds, 1e-9),
+                       global_zero=trainer.is_global_zero)
 
 
-def write_run_record(workdir: str, cfg: TrainConfig, corpus: Corpus, seq_len: int) -> None:
+def write_run_record(root: DataRoot, workdir: str, cfg: TrainConfig, corpus: DocSource,
+                     seq_len: int) -> None:
     """`run.json` beside the checkpoints: what they were trained on, before any step is taken."""
-    import os
-
-    os.makedirs(workdir, exist_ok=True)
-    record = {"variant": cfg.variant, "params": cfg.params(), "seq_len": seq_len,
-              "lineage": dict(corpus.lineage)}
-    with open(f"{workdir}/run.json", "w") as f:
-        json.dump(record, f, indent=2, default=str)
+    record = {"variant": cfg.variant, "name": cfg.out_name, "params": cfg.params(),
+              "seq_len": seq_len, "lineage": dict(corpus.lineage)}
+    root.write_bytes_atomic(posixpath.join(workdir, "run.json"),
+                            json.dumps(record, indent=2, default=str).encode())
 
 
 # ---------------------------------------------------------------------------- the stage
 
 
 class TrainStage(Stage):
-    """One shard per variant; its inputs are every token shard (and neighbour shard for RA-CM3)."""
+    """One shard per train.name (default the variant); its inputs are the token store's parts
+    (neighbour parts too for RA-CM3), which must be packed from the current tokenize shards."""
 
     name = "train"
-    version = "2"  # 2: positions restart at the image marker too (model.document.positions)
+    version = "3"  # 3: packed token store, exact resume, block-diagonal mask between examples
     config = TrainConfig
     engine = "local"
-    description = "train RA-CM3 or vanilla CM3 (Lightning) on token and neighbour shards"
+    description = "train RA-CM3 or vanilla CM3 (Lightning) on the packed token store"
 
     def __init__(self, callbacks: list[Any] | None = None):
         self.callbacks = callbacks or []  # extra Lightning callbacks (monitoring, tests)
 
     def plan(self, root: DataRoot, cfg: TrainConfig) -> list[ShardSpec]:
-        stages = ["tokenize"] + (["retrieve"] if cfg.uses_neighbours else [])
-        inputs = []
-        for stage in stages:
-            ids = sorted(m.shard_id for m in list_manifests(root, stage))
-            if not ids:
-                raise FileNotFoundError(f"no {stage} shards under {root.join(stage)}: "
-                                        f"run `racm3 run {stage}` first")
-            inputs += [upstream_ref(root, stage, i) for i in ids]
-        return [ShardSpec(self.name, cfg.variant, tuple(inputs))]
+        check_packed(root, "tokenize", "t-")
+        if cfg.uses_neighbours:
+            check_packed(root, "retrieve", "n-")
+        parts = sorted(m.shard_id for m in list_manifests(root, "pack")
+                       if m.shard_id.startswith("t-") or (cfg.uses_neighbours
+                                                           and m.shard_id.startswith("n-")))
+        inputs = [upstream_ref(root, "pack", i) for i in parts]
+        return [ShardSpec(self.name, cfg.out_name, tuple(inputs))]
 
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: TrainConfig = ctx.cfg
         fp = self.fingerprint(cfg, ctx.spec)
-        workdir = ctx.root.join("train", cfg.variant, fp)  # kept across interruptions
+        workdir = ctx.root.join("train", cfg.out_name, fp)  # kept across interruptions
         res = train(ctx.root, cfg, workdir, ctx.output_path("pt"), self.callbacks)
+        if not res.global_zero:  # a DDP worker rank (Lightning re-ran this command): rank 0
+            raise SystemExit(0)  # commits the model and the manifest, the others just stop
         return ShardResult(rows_in=sum(res.counts[f"k{k}"] for k in range(cfg.k_max + 1)),
                            rows_out=res.steps, dropped=dropped(res.counts),
-                           metrics=run_metrics(res, ctx.spec, workdir, ctx.root))
+                           metrics=run_metrics(res, ctx.root, workdir, cfg.uses_neighbours))
+
+
+def check_packed(root: DataRoot, stage: str, prefix: str) -> None:
+    """Every `stage` shard has a current pack part (else training would read stale tokens)."""
+    ups = {m.shard_id: m.output_digest for m in list_manifests(root, stage)}
+    if not ups:
+        raise FileNotFoundError(f"no {stage} shards under {root.join(stage)}: "
+                                f"run `racm3 run {stage}` first")
+    packed = {m.shard_id[len(prefix):]: m.inputs[0].digest for m in list_manifests(root, "pack")
+              if m.shard_id.startswith(prefix) and m.inputs}
+    stale = sorted(i for i, d in ups.items() if packed.get(i) != d)
+    if stale:
+        raise FileNotFoundError(f"{len(stale)} {stage} shard(s) not packed or packed from older "
+                                f"content ({stale[0]}, ...): run `racm3 run pack` first")
 
 
 def dropped(counts: Counter) -> dict[str, int]:
@@ -344,14 +440,15 @@ def dropped(counts: Counter) -> dict[str, int]:
     return {k: int(counts[k]) for k in keys if counts[k]}
 
 
-def run_metrics(res: TrainResult, spec: ShardSpec, workdir: str, root: DataRoot) -> dict[str, Any]:
+def run_metrics(res: TrainResult, root: DataRoot, workdir: str,
+                neighbours: bool) -> dict[str, Any]:
     def digest(stage: str) -> str | None:
-        refs = {i.path: i.digest for i in spec.inputs if i.stage == stage}
+        refs = {m.shard_id: m.output_digest for m in list_manifests(root, stage)}
         return combined_digest(refs) if refs else None
 
     assembled = int(res.counts["sequences"]) * res.seq_len
     return {**res.lineage, "tokens_digest": digest("tokenize"),
-            "neighbours_digest": digest("retrieve"), "steps": res.steps,
+            "neighbours_digest": digest("retrieve") if neighbours else None, "steps": res.steps,
             "resumed_from_step": res.resumed_from, "seq_len": res.seq_len,
             "train_seconds": round(res.seconds, 1), "sequences": int(res.counts["sequences"]),
             "pad_fraction": round(res.counts["pad_tokens"] / max(1, assembled), 4),

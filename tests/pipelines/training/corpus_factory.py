@@ -77,12 +77,30 @@ def make_neighbour_shard(root: DataRoot, shard_id: str, keys: list[str], all_key
                   ShardSpec("retrieve", shard_id, ()))
 
 
-def make_corpus(root: DataRoot, n: int = 16, shards: int = 2, neighbours: bool = True) -> list[str]:
-    """n documents over `shards` token shards (and matching neighbour shards); returns the keys."""
+def make_corpus(root: DataRoot, n: int = 16, shards: int = 2, neighbours: bool = True,
+                packed: bool = False) -> list[str]:
+    """n documents over `shards` token shards (and matching neighbour shards); returns the keys.
+    `packed`: also run stage `pack` (what training reads)."""
     keys = [f"{i:04d}" for i in range(n)]
     for s in range(shards):
         part = keys[s::shards]
         make_token_shard(root, f"{s:05d}", part)
         if neighbours:
             make_neighbour_shard(root, f"{s:05d}", part, keys)
+    if packed:
+        pack_corpus(root)
     return keys
+
+
+def pack_corpus(root: DataRoot) -> list[str]:
+    """Run stage `pack` on every shard it plans that is not done yet; returns the shard ids run."""
+    from pipelines.core.stage import shard_states
+    from pipelines.training.pack import PackConfig, PackStage
+
+    stage, cfg = PackStage(), PackConfig()
+    ran = []
+    for st in shard_states(stage, root, cfg):
+        if st.state != "done":
+            execute_shard(stage, root, cfg, st.spec)
+            ran.append(st.spec.shard_id)
+    return ran

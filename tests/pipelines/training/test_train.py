@@ -32,7 +32,7 @@ from pipelines.training.train import (
 )
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
-from tests.pipelines.training.corpus_factory import make_corpus, make_token_shard
+from tests.pipelines.training.corpus_factory import make_corpus, make_token_shard, pack_corpus
 
 FAST = dict(batch_size=4, seq_len=72, progress_bar=False, log_every=1, warmup_steps=2,
             accelerator="cpu")
@@ -50,7 +50,7 @@ def one_thread():
 @pytest.fixture
 def root(tmp_path):
     r = DataRoot(str(tmp_path / "data"))
-    make_corpus(r, n=12, shards=2)
+    make_corpus(r, n=12, shards=2, packed=True)
     return r
 
 
@@ -65,7 +65,11 @@ def batch_from(root, n_seqs: int, **asm) -> tuple[dict, int]:
     return collate(list(islice(iter(stream), n_seqs))), corpus.vocab.size
 
 
-def test_overfits_a_handful_of_documents(tmp_path):
+@pytest.mark.parametrize("block_mask,final", [(False, 0.05), (True, 0.1)])
+def test_overfits_a_handful_of_documents(tmp_path, block_mask, final):
+    """With the block mask a unit cannot copy from the units packed before it: a caption's
+    entity word is then unknowable for a unit without retrieved documents (text loss stays up),
+    which is the leak the mask closes; the image tokens are still learnt."""
     root = DataRoot(str(tmp_path))
     make_corpus(root, n=4, shards=1)
     batch, vocab = batch_from(root, 1, seq_len=96, k_max=1, mask_prob=0.5)
@@ -73,13 +77,14 @@ def test_overfits_a_handful_of_documents(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     first = None
     for _ in range(100):
-        losses = sequence_losses(model, batch)
+        losses = sequence_losses(model, batch, block_mask=block_mask)
         opt.zero_grad()
         losses["loss"].backward()
         opt.step()
         first = first if first is not None else losses["loss"].item()
-    assert first > 3.0 and losses["loss"].item() < 0.05
-    assert losses["l_image"].item() < 0.05 and losses["l_text"].item() < 0.05
+    assert first > 3.0 and losses["loss"].item() < final
+    assert losses["l_image"].item() < final
+    assert (losses["l_text"].item() < final) != block_mask
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1])
@@ -109,7 +114,8 @@ def test_stage_trains_both_variants_with_equal_tokens_per_step(root):
         assert m.metrics["codebook"] == "cb-1" and m.metrics["steps"] == 3
         assert m.metrics["seq_len"] == 72 and m.metrics["tokens_digest"].startswith("sha256:")
         assert (m.metrics.get("index_fingerprint") == "ix-1") == (variant == "ra-cm3")
-        assert any(i.stage == "retrieve" for i in m.inputs) == (variant == "ra-cm3")
+        assert any(i.shard_id.startswith("n-") for i in m.inputs) == (variant == "ra-cm3")
+        assert all(i.stage == "pack" for i in m.inputs)
         model, vocab, rec = load_trained(root, variant)
         assert rec["lineage"]["codebook"] == "cb-1" and vocab.n_image == 16
         run = json.loads(open(root.join("train", variant, m.fingerprint, "run.json")).read())
@@ -163,6 +169,7 @@ def test_mismatched_codebook_refused_before_training(tmp_path):
     root = DataRoot(str(tmp_path))
     make_corpus(root, n=8, shards=1)
     make_token_shard(root, "00001", ["0100", "0101"], codebook="cb-other")
+    pack_corpus(root)
     cfg = TrainConfig(max_steps=3, **FAST)
     with pytest.raises(LineageError, match="codebook"):
         execute_shard(TrainStage(), root, cfg, spec_of(root, cfg))

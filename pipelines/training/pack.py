@@ -1,0 +1,128 @@
+"""Stage `pack`: token and neighbour shards into the memory-mapped token store training reads.
+
+One output part per input shard (layout and id scheme in `pipelines.training.token_store`):
+`t-<id>` from tokenize shard <id> (its only input, so a new token shard packs alone) and
+`n-<id>` from retrieve shard <id> plus every tokenize shard (global ids depend on all of them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from model.document import Vocab
+from pipelines.core.config import StageConfig
+from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from pipelines.training.sequences import NEIGHBOUR_LINEAGE, TOKEN_LINEAGE, shard_lineage
+from pipelines.training.token_store import (
+    fixed_width,
+    neighbour_part_id,
+    token_part_id,
+    upload_dir,
+    write_neighbour_part,
+    write_token_part,
+)
+from storage.fs import DataRoot
+from storage.manifest import list_manifests, read_manifest, upstream_ref
+from storage.shards import read_table
+
+
+@dataclass(frozen=True)
+class PackConfig(StageConfig):
+    """Section [pack]: only where parts are built before they are copied to an object store."""
+
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"work_dir"})
+
+    work_dir: str = ""  # local scratch for non-local data roots ("" = the system temp dir)
+
+
+class PackStage(Stage):
+    """Token parts (one per tokenize shard) and neighbour parts (one per retrieve shard)."""
+
+    name = "pack"
+    version = "1"
+    config = PackConfig
+    engine = "local"
+    description = "pack token and neighbour shards into the memory-mapped token store"
+
+    def plan(self, root: DataRoot, cfg: PackConfig) -> list[ShardSpec]:
+        tok = sorted(m.shard_id for m in list_manifests(root, "tokenize"))
+        if not tok:
+            raise FileNotFoundError(f"no tokenize shards under {root.join('tokenize')}: "
+                                    f"run `racm3 run tokenize` first")
+        tok_refs = tuple(upstream_ref(root, "tokenize", i) for i in tok)
+        specs = [ShardSpec(self.name, token_part_id(i), (r,)) for i, r in zip(tok, tok_refs, strict=True)]
+        for i in sorted(m.shard_id for m in list_manifests(root, "retrieve")):
+            specs.append(ShardSpec(self.name, neighbour_part_id(i),
+                                   (upstream_ref(root, "retrieve", i), *tok_refs)))
+        return specs
+
+    def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
+        if ctx.spec.shard_id.startswith("t-"):
+            return self.pack_tokens(ctx)
+        return self.pack_neighbours(ctx)
+
+    def pack_tokens(self, ctx: ShardContext) -> ShardResult:
+        ref = ctx.spec.inputs[0]
+        m = read_manifest(ctx.root, "tokenize", ref.shard_id)
+        assert m is not None  # planned from its manifest
+        lineage = shard_lineage(m, TOKEN_LINEAGE)
+        vocab = Vocab(n_text=int(lineage["n_text"]), n_image=int(lineage["n_image"]))
+        table = ctx.read_input(0, ["key", "caption_ids", "image_codes"])
+        with built(ctx) as out_dir:
+            stats = write_token_part(table, vocab, out_dir)
+        return ShardResult(rows_in=table.num_rows, rows_out=stats["docs"],
+                           metrics={**lineage, **stats, "token_shard": ref.shard_id})
+
+    def pack_neighbours(self, ctx: ShardContext) -> ShardResult:
+        ref = ctx.spec.inputs[0]
+        m = read_manifest(ctx.root, "retrieve", ref.shard_id)
+        assert m is not None
+        lineage = shard_lineage(m, NEIGHBOUR_LINEAGE)
+        table = ctx.read_input(0, ["key", "query", "variant", "neighbor_keys"])
+        layout: list[list[Any]] = []
+        with built(ctx) as out_dir:
+            stats = write_neighbour_part(table, token_keys(ctx, layout), out_dir)
+        dropped = {k: stats[k] for k in ("rows_without_tokens",) if stats[k]}
+        return ShardResult(rows_in=table.num_rows, rows_out=stats["rows"], dropped=dropped,
+                           metrics={**lineage, **stats, "token_parts": layout})
+
+
+def token_keys(ctx: ShardContext, layout: list[list[Any]]) -> Iterator[tuple[int, np.ndarray]]:
+    """(global id offset, keys in row order) per tokenize input, one shard in memory at a time;
+    appends [shard id, documents] to `layout` as it goes (what the ids were resolved against)."""
+    offset = 0
+    for i, ref in enumerate(ctx.spec.inputs[1:], start=1):
+        keys = read_table(ctx.root, ctx.input_path(i), ["key"]).column("key").to_pylist()
+        layout.append([ref.shard_id, len(keys)])
+        yield offset, fixed_width(keys)
+        offset += len(keys)
+
+
+class built:
+    """A local folder to build a part in; on exit it is the shard's temp output (uploaded through
+    fsspec when the data root is not local)."""
+
+    def __init__(self, ctx: ShardContext):
+        self.ctx = ctx
+        self.target = ctx.output_path("part")
+        self.local = self.target if ctx.root.is_local else tempfile.mkdtemp(
+            prefix="racm3-pack-", dir=ctx.cfg.work_dir or None)
+
+    def __enter__(self) -> str:
+        os.makedirs(self.local, exist_ok=True)
+        return self.local
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if self.local != self.target:
+            try:
+                if exc_type is None:
+                    upload_dir(self.ctx.root, self.local, self.target)
+            finally:
+                shutil.rmtree(self.local, ignore_errors=True)

@@ -1,0 +1,328 @@
+"""Memory-mapped token store written by stage `pack`: flat token arrays, integer document ids.
+
+Layout (one folder per packed part, so appending a token shard packs only that shard):
+
+    pack/t-<tokenize shard>.part/   tokens.npy   int32, every document's CM3 ids back to back
+                                    offsets.npy  int64 (n + 1), document i = tokens[off[i]:off[i+1]]
+                                    keys.npy     fixed-width bytes, key of local id i (id -> key)
+                                    holdout.npy  uint64, sha1(key)[:8] (the stable held-out split)
+                                    keys.parquet key, id: the key <-> id map for people and tools
+    pack/n-<retrieve shard>.part/   doc.npy int64 global id of each row, sorted; query.npy int8
+                                    (index in QUERIES); variant.npy int16; offsets.npy int64 and
+                                    nbr.npy int64: the row's neighbours best first (-1 = no tokens)
+
+A document's global id is its row in its tokenize shard plus the sizes of the token parts before
+it (parts ordered by shard id); the index of parts is the set of `pack` manifests, so there is no
+file that every shard rewrites. Neighbour ids depend on every token part, so a neighbour part's
+inputs are its retrieve shard plus every tokenize shard: adding a token shard re-resolves the
+(small) neighbour parts, never the token parts already packed.
+
+`StoreCorpus` reads it all memory-mapped: data-loader workers and ranks share the page cache and
+a training process holds no per-document Python object (RSS independent of the corpus size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from model.document import Vocab
+from pipelines.training.sequences import (
+    NEIGHBOUR_LINEAGE,
+    QUERIES,
+    TOKEN_LINEAGE,
+    LineageError,
+    same_lineage,
+)
+from storage.fs import DataRoot
+from storage.manifest import Manifest, list_manifests
+
+log = logging.getLogger(__name__)
+
+STAGE = "pack"
+TOKEN_FILES = ("tokens.npy", "offsets.npy", "keys.npy", "holdout.npy", "keys.parquet")
+NEIGHBOUR_FILES = ("doc.npy", "query.npy", "variant.npy", "offsets.npy", "nbr.npy")
+
+
+def token_part_id(shard_id: str) -> str:
+    return f"t-{shard_id}"
+
+
+def neighbour_part_id(shard_id: str) -> str:
+    return f"n-{shard_id}"
+
+
+def key_hash(keys: list[str]) -> np.ndarray:
+    """uint64 of sha1(key)[:8]: `hash / 2**64 < fraction` is sequences.is_held_out exactly."""
+    return np.array([int.from_bytes(hashlib.sha1(k.encode()).digest()[:8], "big") for k in keys],
+                    dtype=np.uint64)
+
+
+def fixed_width(keys: list[str]) -> np.ndarray:
+    width = max((len(k.encode()) for k in keys), default=1)
+    return np.array([k.encode() for k in keys], dtype=f"S{max(1, width)}")
+
+
+# ---------------------------------------------------------------------------- writing parts
+
+
+def write_token_part(table: pa.Table, vocab: Vocab, out_dir: str) -> dict[str, Any]:
+    """Encode a tokenize shard's rows (in row order: local id = row) into a local part folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    keys = table.column("key").to_pylist()
+    docs = [np.asarray(vocab.encode(c, i), dtype=np.int32) for c, i in
+            zip(table.column("caption_ids").to_pylist(), table.column("image_codes").to_pylist(),
+                strict=True)]
+    lengths = np.array([len(d) for d in docs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.save(f"{out_dir}/tokens.npy", np.concatenate(docs) if docs else np.zeros(0, np.int32))
+    np.save(f"{out_dir}/offsets.npy", offsets)
+    np.save(f"{out_dir}/keys.npy", fixed_width(keys))
+    np.save(f"{out_dir}/holdout.npy", key_hash(keys))
+    pq.write_table(pa.table({"key": keys, "id": np.arange(len(keys), dtype=np.int64)}),
+                   f"{out_dir}/keys.parquet")
+    return {"docs": len(keys), "tokens": int(offsets[-1]),
+            "max_doc_len": int(lengths.max()) if len(lengths) else 0}
+
+
+def resolve_keys(wanted: np.ndarray, token_keys: Iterable[tuple[int, np.ndarray]]) -> np.ndarray:
+    """Global ids of `wanted` (fixed-width bytes) given (id offset, keys in row order) per token
+    part; -1 where no token part has the key. Memory: one token part's keys at a time."""
+    out = np.full(len(wanted), -1, dtype=np.int64)
+    for offset, keys in token_keys:
+        if not len(keys) or not len(wanted):
+            continue
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        pos = np.searchsorted(sorted_keys, wanted).clip(0, len(sorted_keys) - 1)
+        hit = (sorted_keys[pos] == wanted) & (out < 0)
+        out[hit] = offset + order[pos[hit]]
+    return out
+
+
+def write_neighbour_part(table: pa.Table, token_keys: Iterable[tuple[int, np.ndarray]],
+                         out_dir: str) -> dict[str, Any]:
+    """Neighbour rows as integer ids, sorted by (document, query, variant), into a local folder."""
+    os.makedirs(out_dir, exist_ok=True)
+    t = table.to_pydict()
+    lists = [list(n) for n in t["neighbor_keys"]]
+    flat = [k for n in lists for k in n]
+    width = max([len(k.encode()) for k in flat + t["key"]] + [1])
+    as_bytes = lambda ks: np.array([k.encode() for k in ks], dtype=f"S{width}")  # noqa: E731
+    ids = resolve_keys(as_bytes(t["key"] + flat), token_keys)  # one pass over the token parts
+    doc, nbr = ids[:len(t["key"])], ids[len(t["key"]):]
+    query = np.array([QUERIES.index(q) for q in t["query"]], dtype=np.int8)
+    variant = np.asarray(t["variant"], dtype=np.int16)
+    lengths = np.array([len(n) for n in lists], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    keep = doc >= 0  # a row whose own document has no tokens can never be a main document
+    order = np.lexsort((variant, query, doc))
+    order = order[keep[order]]
+    new_lengths = lengths[order]
+    new_nbr = [nbr[starts[i]:starts[i + 1]] for i in order]
+    np.save(f"{out_dir}/doc.npy", doc[order])
+    np.save(f"{out_dir}/query.npy", query[order])
+    np.save(f"{out_dir}/variant.npy", variant[order])
+    np.save(f"{out_dir}/offsets.npy", np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64))
+    np.save(f"{out_dir}/nbr.npy", np.concatenate(new_nbr) if new_nbr else np.zeros(0, np.int64))
+    return {"rows": int(len(order)), "rows_without_tokens": int((~keep).sum()),
+            "neighbours_without_tokens": int((nbr < 0).sum())}
+
+
+def upload_dir(root: DataRoot, local: str, remote: str) -> None:
+    """Copy a finished local folder to a (temp) data-root path through fsspec."""
+    root.makedirs(remote)
+    for name in sorted(os.listdir(local)):
+        root.fs.put_file(f"{local}/{name}", posixpath.join(remote, name))
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Part:
+    """One packed part: where its files are (local, mmap-able) and its manifest."""
+
+    manifest: Manifest
+    local_dir: str
+    offset: int = 0  # global id of its first document (token parts)
+
+
+def local_part_dir(root: DataRoot, m: Manifest, cache_dir: str | None) -> str:
+    """The part's folder on local disk: itself on a local root, else a cached download keyed by
+    the part's digest (np.load(mmap_mode) needs a real file)."""
+    path = root.artifact(STAGE, m.shard_id, "part")
+    if root.is_local:
+        return path
+    base = cache_dir or os.path.join(tempfile.gettempdir(), "racm3-pack-cache")
+    local = os.path.join(base, m.output_digest.replace(":", "-"), m.shard_id)
+    if not os.path.exists(f"{local}/.complete"):
+        tmp = f"{local}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for p in root.fs.ls(path, detail=False):
+            root.fs.get_file(p, f"{tmp}/{posixpath.basename(p)}")
+        open(f"{tmp}/.complete", "w").close()
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+    return local
+
+
+def token_manifests(root: DataRoot) -> list[Manifest]:
+    return sorted((m for m in list_manifests(root, STAGE) if m.shard_id.startswith("t-")),
+                  key=lambda m: m.shard_id)
+
+
+def neighbour_manifests(root: DataRoot) -> list[Manifest]:
+    return sorted((m for m in list_manifests(root, STAGE) if m.shard_id.startswith("n-")),
+                  key=lambda m: m.shard_id)
+
+
+def parts_layout(manifests: list[Manifest]) -> list[list[Any]]:
+    """[[token shard id, documents], ...]: what global ids mean; neighbour parts record it."""
+    return [[m.shard_id[2:], int(m.metrics["docs"])] for m in manifests]
+
+
+@dataclass
+class StoreCorpus:
+    """The documents of a token store, by integer id, memory-mapped (see the module docstring).
+
+    Implements what `pipelines.training.sequences` draws from (the same methods as its dict
+    `Corpus`); handles are global document ids. Pickles without its arrays (workers re-open).
+    """
+
+    vocab: Vocab
+    parts: list[Part]
+    neighbour_parts: list[Part] = field(default_factory=list)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    holdout_fraction: float = 0.0
+    _maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    # -- arrays, opened lazily in each process
+    def _arrays(self) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            maps: dict[str, np.ndarray] = {}
+            for i, p in enumerate(self.parts):
+                for f in ("tokens", "offsets", "keys", "holdout"):
+                    maps[f"t{i}.{f}"] = np.load(f"{p.local_dir}/{f}.npy", mmap_mode="r")
+            for i, p in enumerate(self.neighbour_parts):
+                for f in ("doc", "query", "variant", "offsets", "nbr"):
+                    maps[f"n{i}.{f}"] = np.load(f"{p.local_dir}/{f}.npy", mmap_mode="r")
+            maps["starts"] = np.array([p.offset for p in self.parts], dtype=np.int64)
+            self._maps = maps
+        return self._maps
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": None}
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        a = self._arrays()
+        p = int(np.searchsorted(a["starts"], i, side="right")) - 1
+        return p, i - int(a["starts"][p])
+
+    # -- the DocSource interface of pipelines.training.sequences
+    def n_items(self) -> int:
+        return sum(int(p.manifest.metrics["docs"]) for p in self.parts)
+
+    def item(self, i: int) -> int:
+        return int(i)
+
+    def doc(self, h: int) -> np.ndarray:
+        p, j = self._locate(h)
+        a = self._arrays()
+        off = a[f"t{p}.offsets"]
+        return np.array(a[f"t{p}.tokens"][off[j]:off[j + 1]])
+
+    def has_doc(self, h: int) -> bool:
+        return 0 <= h < self.n_items()
+
+    def is_held(self, h: int) -> bool:
+        if self.holdout_fraction <= 0:
+            return False
+        p, j = self._locate(h)
+        return int(self._arrays()[f"t{p}.holdout"][j]) / 2**64 < self.holdout_fraction
+
+    def label(self, h: int) -> str:
+        p, j = self._locate(h)
+        return bytes(self._arrays()[f"t{p}.keys"][j]).decode()
+
+    def neighbour_lists(self, h: int) -> dict[tuple[str, int], list[int]] | None:
+        a = self._arrays()
+        out: dict[tuple[str, int], list[int]] = {}
+        for i in range(len(self.neighbour_parts)):
+            doc = a[f"n{i}.doc"]
+            lo, hi = np.searchsorted(doc, h, "left"), np.searchsorted(doc, h, "right")
+            off, nbr = a[f"n{i}.offsets"], a[f"n{i}.nbr"]
+            for r in range(int(lo), int(hi)):
+                q = QUERIES[int(a[f"n{i}.query"][r])]
+                out[(q, int(a[f"n{i}.variant"][r]))] = [int(x) for x in nbr[off[r]:off[r + 1]]]
+        return out or None
+
+    def longest(self) -> int:
+        return max(int(p.manifest.metrics["max_doc_len"]) for p in self.parts)
+
+    # -- tools and tests
+    def key_to_id(self, key: str) -> int:
+        """Global id of a key (binary search per part; for tools and tests, not the hot path)."""
+        want = key.encode()
+        a = self._arrays()
+        for p, part in enumerate(self.parts):
+            keys = a[f"t{p}.keys"]
+            hits = np.flatnonzero(keys == want)
+            if len(hits):
+                return part.offset + int(hits[0])
+        raise KeyError(key)
+
+    def held_out_count(self) -> int:
+        if self.holdout_fraction <= 0:
+            return 0
+        a, n = self._arrays(), 0
+        for p in range(len(self.parts)):
+            n += int((a[f"t{p}.holdout"].astype(np.float64) / 2**64 < self.holdout_fraction).sum())
+        return n
+
+
+def open_store(root: DataRoot, with_neighbours: bool, holdout_fraction: float = 0.0,
+               cache_dir: str | None = None) -> StoreCorpus:
+    """The packed corpus, refusing parts that do not belong together (see sequences lineage)."""
+    tms = token_manifests(root)
+    if not tms:
+        raise FileNotFoundError("no token parts under pack/: run `racm3 run pack` first")
+    lineage = same_lineage(tms, TOKEN_LINEAGE)
+    vocab = Vocab(n_text=int(lineage["n_text"]), n_image=int(lineage["n_image"]))
+    parts, offset = [], 0
+    for m in tms:
+        parts.append(Part(m, local_part_dir(root, m, cache_dir), offset))
+        offset += int(m.metrics["docs"])
+    lineage = {**lineage, "vocab": vocab.fingerprint(), "token_shards": len(tms)}
+    nparts: list[Part] = []
+    if with_neighbours:
+        nms = neighbour_manifests(root)
+        if not nms:
+            raise FileNotFoundError("no neighbour parts under pack/: run `racm3 run retrieve` and "
+                                    "`racm3 run pack`, or train the vanilla variant")
+        lineage.update(same_lineage(nms, NEIGHBOUR_LINEAGE), neighbour_shards=len(nms))
+        layout = parts_layout(tms)
+        for m in nms:
+            if m.metrics.get("token_parts") != layout:
+                raise LineageError(f"pack/{m.shard_id} resolved neighbour ids against other token "
+                                   f"parts than pack/ holds now: re-run `racm3 run pack`")
+            nparts.append(Part(m, local_part_dir(root, m, cache_dir)))
+        lineage["neighbour_rows_without_tokens"] = sum(
+            int(m.metrics.get("rows_without_tokens", 0)) for m in nms)
+    store = StoreCorpus(vocab, parts, nparts, lineage, holdout_fraction)
+    lineage["held_out_docs"] = store.held_out_count()
+    log.info("token store: %d documents in %d parts (%d held out), %d neighbour parts",
+             store.n_items(), len(parts), lineage["held_out_docs"], len(nparts))
+    return store

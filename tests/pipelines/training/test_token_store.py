@@ -1,0 +1,98 @@
+"""Stage `pack` and the memory-mapped token store: a round trip (ids, keys, tokens, neighbours
+identical to the shards), appending a token shard packs only it, stale packs are refused."""
+
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.core.stage import execute_shard, shard_states
+from pipelines.training.pack import PackConfig, PackStage
+from pipelines.training.sequences import LineageError, is_held_out, load_corpus
+from pipelines.training.token_store import open_store
+from pipelines.training.train import TrainConfig, TrainStage
+from storage.fs import DataRoot
+from storage.manifest import read_manifest
+from tests.pipelines.training.corpus_factory import (
+    make_corpus,
+    make_neighbour_shard,
+    make_token_shard,
+    pack_corpus,
+)
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = DataRoot(str(tmp_path))
+    make_corpus(r, n=16, shards=2, packed=True)
+    return r
+
+
+def test_round_trip_ids_keys_tokens_and_neighbours(root):
+    shards = load_corpus(root, with_neighbours=True)  # read straight from the shards
+    store = open_store(root, with_neighbours=True)
+    assert store.n_items() == len(shards.docs) == 16
+    ids = {k: store.key_to_id(k) for k in shards.docs}
+    assert sorted(ids.values()) == list(range(16))  # dense integer ids
+    for key, doc in shards.docs.items():
+        assert store.label(ids[key]) == key
+        assert np.array_equal(store.doc(ids[key]), doc) and store.doc(ids[key]).dtype == np.int32
+        lists = store.neighbour_lists(ids[key])
+        assert {qv: [store.label(i) for i in nb] for qv, nb in lists.items()} == \
+            shards.neighbours[key]
+    # the key <-> id map beside the arrays, in row order of its tokenize shard
+    m = read_manifest(root, "pack", "t-00001")
+    table = pq.read_table(root.join(next(iter(m.outputs)), "keys.parquet"))
+    assert table.column("key").to_pylist() == [f"{i:04d}" for i in range(1, 16, 2)]
+    assert table.column("id").to_pylist() == list(range(8))
+    assert store.lineage["codebook"] == "cb-1" and store.lineage["index_fingerprint"] == "ix-1"
+    assert store.longest() == max(map(len, shards.docs.values()))
+
+
+def test_arrays_are_memory_mapped_and_not_pickled(root):
+    store = open_store(root, with_neighbours=True)
+    store.doc(0)
+    maps = store._arrays()
+    assert all(isinstance(a, np.memmap) for k, a in maps.items() if k != "starts")
+    blob = pickle.dumps(store)  # what a spawned data-loader worker receives
+    assert len(blob) < 20_000 and pickle.loads(blob).doc(3).tolist() == store.doc(3).tolist()
+
+
+def test_missing_neighbour_keys_become_minus_one(tmp_path):
+    root = DataRoot(str(tmp_path))
+    keys = ["0000", "0001", "0002", "0003"]
+    make_token_shard(root, "00000", keys)
+    make_neighbour_shard(root, "00000", keys, keys + ["9999", "0404"])  # 9999, 0404 have no tokens
+    pack_corpus(root)
+    store = open_store(root, with_neighbours=True)
+    m = read_manifest(root, "pack", "n-00000")
+    assert m.metrics["neighbours_without_tokens"] > 0
+    flat = [i for k in range(4) for nb in store.neighbour_lists(k).values() for i in nb]
+    assert -1 in flat and not store.has_doc(-1)
+
+
+def test_held_out_split_matches_the_key_hash(root):
+    store = open_store(root, with_neighbours=False, holdout_fraction=0.3)
+    held = {store.label(i) for i in range(16) if store.is_held(i)}
+    assert held == {f"{i:04d}" for i in range(16) if is_held_out(f"{i:04d}", 0.3)}
+    assert 0 < len(held) == store.lineage["held_out_docs"]
+
+
+def test_appending_a_token_shard_packs_only_it(root):
+    make_token_shard(root, "00002", ["0100", "0101", "0102"])
+    states = {s.spec.shard_id: s.state for s in shard_states(PackStage(), root, PackConfig())}
+    assert states == {"t-00000": "done", "t-00001": "done", "t-00002": "missing",
+                      "n-00000": "stale", "n-00001": "stale"}  # ids re-resolved, tokens not
+    with pytest.raises(FileNotFoundError, match="run `racm3 run pack`"):
+        TrainStage().plan(root, TrainConfig())
+    execute_shard(PackStage(), root, PackConfig(),
+                  next(s.spec for s in shard_states(PackStage(), root, PackConfig())
+                       if s.spec.shard_id == "t-00002"))
+    with pytest.raises(LineageError, match="other token parts"):  # neighbours not re-resolved
+        open_store(root, with_neighbours=True)
+    assert sorted(pack_corpus(root)) == ["n-00000", "n-00001"]
+    store = open_store(root, with_neighbours=True)
+    assert store.n_items() == 19 and store.label(18) == "0102"
+    assert store.label(store.key_to_id("0005")) == "0005"
+    assert TrainStage().plan(root, TrainConfig())[0].shard_id == "ra-cm3"
