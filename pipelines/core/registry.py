@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "index": "pipelines.retrieval.index:IndexStage",
     "retrieval-eval": "pipelines.retrieval.recall:RetrievalEvalStage",
     "retrieve": "pipelines.retrieval.retrieve:RetrieveStage",
+    "pack": "pipelines.training.pack:PackStage",
     "train": "pipelines.training.train:TrainStage",
     "evaluate": "pipelines.evaluation.evaluate:EvaluateStage",
 }
