@@ -17,6 +17,7 @@ log = logging.getLogger("racm3")
 PLAN: list[tuple[str, tuple[str, ...]]] = [
     ("demo", ()), ("filter", ()), ("download", ()), ("fit-clip", ()), ("fit-vqgan", ()),
     ("embed", ()), ("tokenize", ()), ("index", ()), ("retrieval-eval", ()), ("retrieve", ()),
+    ("pack", ()),
     ("train", ("train.variant=\"ra-cm3\"",)), ("train", ("train.variant=\"vanilla\"",)),
     ("evaluate", ()),
 ]
