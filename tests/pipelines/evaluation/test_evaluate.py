@@ -79,7 +79,7 @@ def trained(tmp_path_factory) -> DataRoot:
     make_download_shard(root, "00000", n=8, size=64)
     make_download_shard(root, "00001", n=8, start=8, size=64)
     cfgs = configs(fit_vqgan=FIT, tokenize=TOK)
-    for stage in ("fit-vqgan", "tokenize", "embed", "index", "retrieve"):
+    for stage in ("fit-vqgan", "tokenize", "embed", "index", "retrieve", "pack"):
         assert run_stage(stage, root, cfgs).ok, stage
     for variant in ("ra-cm3", "vanilla"):
         cfgs["train"] = TrainConfig(variant=variant, **TRAIN)
