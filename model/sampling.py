@@ -4,7 +4,8 @@ guidance in one left-padded batch."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,11 @@ def guide(logp: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return out
 
 
+def mixture(logp: torch.Tensor) -> torch.Tensor:
+    """Ensemble of branches (G, B, V) of log-probs: the log of their mean probability."""
+    return torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])
+
+
 @torch.no_grad()
 def sample_guided(model: Transformer, branches: Sequence[tuple[Sequence[int], Sequence[int]]],
                   weights: Sequence[float], n: int, max_new: int, temperature: float = 1.0,
@@ -156,11 +162,23 @@ def sample_guided(model: Transformer, branches: Sequence[tuple[Sequence[int], Se
                   generator: torch.Generator | None = None,
                   forced: Sequence[int] | None = None) -> torch.Tensor:
     """n samples (n, max_new) with guidance: branches are (ids, positions) prompts, branch 0
-    the fully conditioned one, weights[g-1] the guidance weight of branch g. All G branches x n
-    rows run as ONE left-padded batch (G*n rows) through the KV cache; every branch is fed the
-    same sampled token at each step."""
+    the fully conditioned one, weights[g-1] the guidance weight of branch g (see `guide`)."""
     if len(weights) != len(branches) - 1:
         raise ValueError(f"{len(branches)} branches need {len(branches) - 1} weights, got {len(weights)}")
+    return sample_branches(model, branches, lambda logp: guide(logp, weights), n, max_new,
+                           temperature, top_k, top_p, allowed, generator, forced)
+
+
+@torch.no_grad()
+def sample_branches(model: Transformer, branches: Sequence[tuple[Sequence[int], Sequence[int]]],
+                    combine: Callable[[torch.Tensor], torch.Tensor], n: int, max_new: int,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    allowed: Collection[int] | None = None,
+                    generator: torch.Generator | None = None,
+                    forced: Sequence[int] | None = None) -> torch.Tensor:
+    """n samples (n, max_new) from `combine` (G, n, V) log-probs -> (n, V) of G prompts. All
+    G branches x n rows run as ONE left-padded batch (G*n rows) through the KV cache; every
+    branch is fed the same sampled token at each step (guidance, ensembles over passes)."""
     model.eval()
     device = next(model.parameters()).device
     G = len(branches)
@@ -173,7 +191,7 @@ def sample_guided(model: Transformer, branches: Sequence[tuple[Sequence[int], Se
         step = logits[:, -1].float()  # (G*n, V)
         if keep is not None:
             step = step.masked_fill(~keep, float("-inf"))
-        mixed = guide(step.log_softmax(-1).view(G, n, -1), weights)  # (n, V)
+        mixed = combine(step.log_softmax(-1).view(G, n, -1))  # (n, V)
         if keep is not None:  # disallowed ids are -inf - -inf = nan after guidance
             mixed = mixed.masked_fill(~keep, float("-inf"))
         nxt = force(pick(mixed, temperature, top_k, top_p, generator), forced, t)  # (n, 1)
