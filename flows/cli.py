@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the embedded demo end to end")
     data_root_arg(p)
     config_args(p)
-    p.add_argument("--seed", type=int, default=0, help="demo data seed")
+    p.add_argument("--seed", type=int, default=None, help="demo data seed (default: demo.seed)")
     p.add_argument("--until", help="stop after this stage")
     p.add_argument("--force", action="store_true", help="recompute shards that are done")
 
@@ -87,36 +86,63 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "racm3,pipelines")  # stage logs in the UI
+    # The ephemeral Prefect server's default 20 s start-up budget fails on a loaded laptop.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "faiss.loader", "apache_beam", "distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from flows.console import setup_logging
+
+    setup_logging(args.verbose)
     from pipelines.core.config import ConfigError
+    from storage.lease import LeaseHeld
 
     try:
         run = COMMANDS.get(args.command) or args.run
         return run(args)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError, LeaseHeld) as e:
         print(f"racm3: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except FileNotFoundError as e:
-        print(f"racm3: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        if not prefect_unreachable(e):
+            raise
+        print(PREFECT_HELP.format(
+            error=str(e).split(".")[0],
+            budget=os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")), file=sys.stderr)
+        return EXIT_FAILED
+
+
+PREFECT_HELP = """racm3: error: {error}.
+The temporary Prefect server did not start in time (budget:
+PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, now {budget} s). Either
+  - start a server once and point racm3 at it:
+      prefect server start --host 127.0.0.1 --port 4200 &
+      export PREFECT_API_URL=http://127.0.0.1:4200/api
+  - or run without Prefect: racm3 run STAGE --local (same shards, same manifests)"""
+
+
+def prefect_unreachable(e: BaseException) -> bool:
+    """Whether `e` (or its cause) is the ephemeral Prefect server failing to start."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "ephemeral Prefect API server" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.pipeline import demo_flow, steps
-    from flows.summary import print_summary
-    from pipelines.core.registry import load_config
-    from pipelines.core.runner import StageReport
+    import dataclasses
 
-    load_config(args.preset, args.config_file, args.overrides)  # fail fast on a bad config
-    steps(args.until)
-    dicts = demo_flow(data_root=args.data_root, seed=args.seed, until=args.until,
-                      preset=args.preset, config_file=args.config_file,
-                      overrides=args.overrides, force=args.force)
-    reports = [StageReport.from_dict(d) for d in dicts]
+    from flows.pipeline import demo_flow, reports_of, steps
+    from flows.summary import print_summary
+    from pipelines.core.registry import config_to_dict, load_config
+
+    cfgs = load_config(args.preset, args.config_file, args.overrides)  # once, for every stage
+    if args.seed is not None:
+        cfgs["demo"] = dataclasses.replace(cfgs["demo"], seed=args.seed)
+    steps(cfgs, args.until)  # a bad --until fails before any flow starts
+    state = demo_flow(data_root=args.data_root, until=args.until, config=config_to_dict(cfgs),
+                      force=args.force, return_state=True)
+    reports = reports_of(state)
     print_summary(reports, args.data_root, title="racm3 demo")
     print_report_location(args.data_root)
     return EXIT_FAILED if any(r.failed for r in reports) else 0
@@ -135,19 +161,18 @@ def print_report_location(data_root: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.summary import print_summary
     from pipelines.core.registry import get_stage, load_config
-    from pipelines.core.runner import StageReport, run_stage
     from storage.fs import DataRoot
 
-    get_stage(args.stage)
+    stage = get_stage(args.stage)
     cfgs = load_config(args.preset, args.config_file, args.overrides)
     if args.local:
-        report = run_stage(args.stage, DataRoot(args.data_root), cfgs, force=args.force)
-    else:
-        from flows.stages import STAGE_FLOWS
+        from pipelines.core.driver import InProcess, drive
 
-        report = StageReport.from_dict(STAGE_FLOWS[args.stage](
-            data_root=args.data_root, preset=args.preset, config_file=args.config_file,
-            overrides=args.overrides, force=args.force))
+        report = drive(stage, DataRoot(args.data_root), cfgs, InProcess(), force=args.force)
+    else:
+        from flows.stages import run_stage_flow
+
+        report = run_stage_flow(args.stage, args.data_root, cfgs, force=args.force)
     print_summary([report], args.data_root, title=f"racm3 run {args.stage}")
     return EXIT_FAILED if report.failed else 0
 

@@ -1,80 +1,121 @@
-"""The end-to-end flows: `demo` (generated data + local HTTP server) and `pipeline` (real metadata)."""
+"""The end-to-end flows: `demo` (generated data + local HTTP server) and `pipeline` (real metadata).
+
+Each builds the config once at its entry and hands every stage flow its (typed) step config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from prefect import flow
+from prefect.states import Failed, State
 
-from flows.stages import STAGE_FLOWS
-from pipelines.core.registry import STAGES, load_config
-from pipelines.core.runner import StageReport
+from flows.stages import build_config, run_stage_flow
+from pipelines.core.config import ConfigError
+from pipelines.core.registry import STAGES
+from pipelines.core.report import StageReport
 from storage.fs import DataRoot
 
 log = logging.getLogger("racm3")
 
-# (stage, extra overrides) in pipeline order; stages not registered yet are left out.
-PLAN: list[tuple[str, tuple[str, ...]]] = [
-    ("demo", ()), ("filter", ()), ("download", ()), ("fit-clip", ()), ("fit-vqgan", ()),
-    ("embed", ()), ("tokenize", ()), ("index", ()), ("retrieval-eval", ()), ("retrieve", ()),
-    ("pack", ()),
-    ("train", ("train.variant=\"ra-cm3\"",)), ("train", ("train.variant=\"vanilla\"",)),
-    ("evaluate", ()),
-]
+# (stage, fields replaced in its config section) in pipeline order; train runs once per variant.
+# Stages not registered yet are left out.
+PLAN: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("demo", {}), ("filter", {}), ("download", {}), ("fit-clip", {}), ("fit-vqgan", {}),
+    ("embed", {}), ("tokenize", {}), ("index", {}), ("retrieval-eval", {}), ("retrieve", {}),
+    ("pack", {}),
+    ("train", {"variant": "ra-cm3"}), ("train", {"variant": "vanilla"}),
+    ("evaluate-part", {}), ("evaluate", {}),
+)
 
 
-def steps(until: str | None = None, include_demo: bool = True) -> list[tuple[str, tuple[str, ...]]]:
+@dataclass(frozen=True)
+class Step:
+    """One stage run of the end-to-end flow, with the config it runs under."""
+
+    stage: str
+    label: str  # the summary row, e.g. "train (vanilla)"
+    cfgs: dict[str, Any]
+
+
+def steps(cfgs: dict[str, Any], until: str | None = None, include_demo: bool = True) -> list[Step]:
     """The plan up to and including `until`, skipping stages that are not registered."""
     names = [s for s, _ in PLAN]
     if until is not None and until not in names:
-        raise ValueError(f"--until: unknown stage {until!r}; stages: {', '.join(dict.fromkeys(names))}")
+        raise ConfigError("--until", f"unknown stage {until!r}; stages: {', '.join(dict.fromkeys(names))}")
     out = []
-    for stage, extra in PLAN:
+    for stage, fields in PLAN:
         if stage in STAGES and (include_demo or stage != "demo"):
-            out.append((stage, extra))
+            out.append(make_step(cfgs, stage, fields))
         if stage == until:
             break
     return out
 
 
-def run_steps(plan: list[tuple[str, tuple[str, ...]]], data_root: str, preset: str,
-              config_file: str | None, overrides: list[str], force: bool) -> list[StageReport]:
+def make_step(cfgs: dict[str, Any], stage: str, fields: dict[str, Any]) -> Step:
+    section = stage.replace("-", "_")
+    if not fields:
+        return Step(stage, stage, cfgs)
+    label = f"{stage} ({', '.join(str(v) for v in fields.values())})"
+    return Step(stage, label, {**cfgs, section: dataclasses.replace(cfgs[section], **fields)})
+
+
+def run_steps(plan: list[Step], data_root: str, force: bool) -> list[StageReport]:
     reports = []
-    for stage, extra in plan:
-        d = STAGE_FLOWS[stage](data_root=data_root, preset=preset, config_file=config_file,
-                               overrides=[*overrides, *extra], force=force)
-        r = StageReport.from_dict(d)
-        if extra:  # e.g. train run twice: label the row by its variant
-            r.stage = f"{stage} ({extra[0].split('=', 1)[1].strip(chr(34))})"
+    for step in plan:
+        r = run_stage_flow(step.stage, data_root, step.cfgs, force)
+        r.stage = step.label
         reports.append(r)
         if r.failed:
-            log.error("%s: %d shards failed; later stages run on what succeeded", stage, len(r.failed))
+            log.error("%s: %d shards failed; later stages run on what succeeded", step.label,
+                      len(r.failed))
     return reports
 
 
+def outcome(reports: list[StageReport]) -> list[dict] | State:
+    """The reports as data; a Failed state carrying them when any shard failed."""
+    data = [r.to_dict() for r in reports]
+    failed = [r.stage for r in reports if r.failed]
+    if failed:
+        return Failed(message=f"failed shards in: {', '.join(failed)}", data=data)
+    return data
+
+
 @flow(name="racm3-end-to-end-demo")
-def demo_flow(data_root: str = "data", seed: int = 0, until: str | None = None,
+def demo_flow(data_root: str = "data", seed: int | None = None, until: str | None = None,
               preset: str = "demo", config_file: str | None = None,
-              overrides: list[str] | None = None, force: bool = False) -> list[dict]:
+              overrides: list[str] | None = None, force: bool = False,
+              config: dict | None = None) -> list[dict] | State:
     """Generate the demo data, serve it on 127.0.0.1, and run every stage up to `until`."""
     from pipelines.demo.paths import www_dir
     from pipelines.demo.server import serve_directory
 
-    overrides = [f"demo.seed={seed}", *(overrides or [])]
-    cfgs = load_config(preset, config_file, overrides)
-    plan = steps(until)
-    reports = run_steps(plan[:1], data_root, preset, config_file, overrides, force)
+    cfgs = build_config(config, preset, config_file, overrides)
+    if seed is not None:
+        cfgs = {**cfgs, "demo": dataclasses.replace(cfgs["demo"], seed=seed)}
+    plan = steps(cfgs, until)
+    reports = run_steps(plan[:1], data_root, force)
     demo = cfgs["demo"]
     with serve_directory(www_dir(DataRoot(data_root)), demo.host, demo.port):
-        reports += run_steps(plan[1:], data_root, preset, config_file, overrides, force)
-    return [r.to_dict() for r in reports]
+        reports += run_steps(plan[1:], data_root, force)
+    return outcome(reports)
 
 
 @flow(name="racm3-end-to-end")
 def pipeline_flow(data_root: str = "data", until: str | None = None, preset: str = "paper",
                   config_file: str | None = None, overrides: list[str] | None = None,
-                  force: bool = False) -> list[dict]:
+                  force: bool = False, config: dict | None = None) -> list[dict] | State:
     """Every stage on real metadata (filter.metadata), up to `until`."""
-    plan = steps(until, include_demo=False)
-    return [r.to_dict() for r in run_steps(plan, data_root, preset, config_file,
-                                           list(overrides or []), force)]
+    cfgs = build_config(config, preset, config_file, overrides)
+    return outcome(run_steps(steps(cfgs, until, include_demo=False), data_root, force))
+
+
+def reports_of(state: State) -> list[StageReport]:
+    """The StageReports an end-to-end flow run ended with, Completed or Failed."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        raise data
+    return [StageReport.from_dict(d) for d in data]

@@ -1,76 +1,122 @@
-"""One Prefect flow per stage: plan shards, run the stale ones as tasks, publish counts and assets."""
+"""One Prefect flow per stage: build the config once, run the stage through the one driver with
+shards as Prefect tasks, publish counts, failures, progress and assets; Failed if a shard failed."""
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.core.registry import STAGES, get_stage, load_config
-from pipelines.core.runner import StageReport, collect, pending
-from pipelines.core.stage import ShardSpec, Stage, execute_shard
+from pipelines.core.attempt import ShardTimeout, attempt
+from pipelines.core.driver import Job, OnResult, drive, report_committed
+from pipelines.core.progress import Snapshot
+from pipelines.core.registry import STAGES, config_from_dict, get_stage, load_config
+from pipelines.core.report import StageReport
+from pipelines.core.stage import ShardSpec, Stage
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
 
 log = logging.getLogger("racm3")
+RETRY_DELAY_S = 1
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
-      task_run_name="{stage_name}/{spec.shard_id}")
-def shard_task(stage_name: str, root: DataRoot, cfg: Any, spec: ShardSpec,
-               resources: Any = None) -> Manifest:
-    """One shard under the shard contract; Prefect retries a broken shard."""
-    return execute_shard(get_stage(stage_name), root, cfg, spec, resources)
+def _shard_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    stage = p["stage"] if isinstance(p["stage"], str) else p["stage"].name
+    return f"{stage}/{p['spec'].shard_id}"
 
 
-@task(cache_policy=NO_CACHE, task_run_name="{stage.name}/beam")
-def beam_task(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
-              beam_cfg: Any) -> dict[str, str]:
-    """A Beam stage's stale shards as one Beam pipeline (the runner decides where they run)."""
+@task(cache_policy=NO_CACHE, task_run_name=_shard_run_name)
+def shard_task(stage: Stage | str, root: DataRoot, cfg: Any, spec: ShardSpec,
+               resources: Any = None, timeout_s: float = 0.0, owner: str | None = None) -> Manifest:
+    """One shard under the shard contract and its deadline; Prefect retries it (`run.retries`)."""
+    st = get_stage(stage) if isinstance(stage, str) else stage
+    return attempt(st, root, cfg, spec, resources, timeout_s, owner)
+
+
+def _retry_unless_timeout(task: Any, task_run: Any, state: State) -> bool:
+    return not isinstance(state.data, ShardTimeout)  # a slow shard stays slow: fail it once
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{job.stage.name}/beam")
+def beam_task(job: Job, specs: list[ShardSpec]) -> dict[str, str]:
+    """A Beam stage's pending shards as one Beam pipeline (the runner decides where they run)."""
     from pipelines.core.beam import run_on_beam
 
-    return run_on_beam(stage, root, cfg, specs, beam_cfg)
+    return run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
 
 
-def run_stage_in_flow(stage_name: str, root: DataRoot, cfgs: dict[str, Any],
-                      force: bool = False) -> StageReport:
-    """The body every stage flow shares (called inside a flow run)."""
-    t0 = time.time()
-    stage = get_stage(stage_name)
-    cfg = cfgs[stage.section]
-    root.clean_tmp(stage_name)
-    todo, done = pending(stage, root, cfg, force)
-    report = StageReport(stage_name, skipped=done)
-    log.info("%s: %d shards to run, %d already done", stage_name, len(todo), len(done))
-    if todo and stage.engine == "beam":
-        report.failed.update(beam_task(stage, root, cfg, todo, cfgs["beam"]))
-        collect(report, stage, root, [s for s in todo if s.shard_id not in report.failed])
-    elif todo:
-        resources = stage.load(cfg)
-        futures = [shard_task.submit(stage_name, root, cfg, s, resources) for s in todo]
-        for spec, fut in zip(todo, futures, strict=True):
-            try:
-                report.add(fut.result())
-            except Exception as e:  # noqa: BLE001 - reported in the summary, the rest goes on
-                report.failed[spec.shard_id] = f"{type(e).__name__}: {e}"
-            log.info("%s: %d/%d shards", stage_name, len(report.ran) + len(report.failed), len(todo))
-    report.seconds = time.time() - t0
-    publish(report, root, stage_name)
-    return report
+class PrefectTasks:
+    """The driver's executor inside a flow run: one task per shard on a thread pool of
+    `run.shard_concurrency` workers, or the Beam pipeline as one task."""
+
+    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
+        if job.stage.engine == "beam":
+            failures = beam_task(job, specs)
+            for spec in specs:
+                report_committed(job, spec, failures.get(spec.shard_id), on_result)
+            return
+        resources = job.stage.load(job.cfg)
+        one = shard_task.with_options(retries=job.run.retries, retry_delay_seconds=RETRY_DELAY_S,
+                                      retry_condition_fn=_retry_unless_timeout)
+        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=job.run.shard_concurrency)
+        with runner:
+            futures: dict[Any, ShardSpec] = {runner.submit(one, {"stage": job.stage, "root": job.root, "cfg": job.cfg,
+                                           "spec": spec, "resources": resources,
+                                           "timeout_s": job.run.shard_timeout_s,
+                                           "owner": job.owner}): spec
+                       for spec in specs}
+            for fut in as_completed(list(futures)):
+                spec = futures[fut]
+                try:
+                    on_result(spec, fut.result(), None)
+                except Exception as e:  # noqa: BLE001 - reported in the summary, the rest goes on
+                    on_result(spec, None, f"{type(e).__name__}: {e}")
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact that advances as shards finish."""
+
+    def __init__(self, stage_name: str):
+        from prefect.artifacts import create_progress_artifact
+
+        self.id: Any = create_progress_artifact(0.0, key=artifact_key(stage_name) + "-progress",
+                                           description=f"racm3 `{stage_name}`: shards done")
+
+    def update(self, snap: Snapshot) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(self.id, round(100 * snap.fraction, 1), description=snap.line())
+
+    def close(self, snap: Snapshot) -> None:
+        self.update(snap)
+
+
+def artifact_key(stage_name: str) -> str:
+    return "racm3-" + "".join(c if c.isalnum() else "-" for c in stage_name.lower())
 
 
 def publish(report: StageReport, root: DataRoot, stage_name: str) -> None:
-    """Prefect artifact (counts table) and asset materialization for the stage's output."""
+    """Prefect artifacts (counts table, failed shards with errors) and the stage's asset."""
     rows = [{"shards run": len(report.ran), "shards skipped": len(report.skipped),
              "shards failed": len(report.failed), "rows in": report.rows_in,
              "rows out": report.rows_out, **{f"dropped: {k}": v for k, v in report.dropped.items()}}]
-    key = "racm3-" + "".join(c if c.isalnum() else "-" for c in stage_name.lower())
+    key = artifact_key(stage_name)
     create_table_artifact(table=rows, key=key, description=f"racm3 `{stage_name}` shard and row counts")
+    if report.failed:
+        lines = [f"# racm3 `{stage_name}`: {len(report.failed)} failed shards", "",
+                 "| shard | error |", "|---|---|"]
+        lines += [f"| {sid} | {err.replace('|', '/')[:500]} |" for sid, err in report.failed.items()]
+        create_markdown_artifact("\n".join(lines), key=key + "-failures",
+                                 description=f"racm3 `{stage_name}` failed shards and their errors")
     record_asset(root, stage_name)
     if stage_name == "evaluate" and not report.failed:
         publish_evaluation(root)
@@ -119,16 +165,55 @@ def record_asset(root: DataRoot, stage_name: str) -> None:
                 name=f"asset:{stage_name}", cache_policy=NO_CACHE)(_noop)()
 
 
+def build_config(config: dict | None, preset: str, config_file: str | None,
+                 overrides: list[str] | None) -> dict[str, Any]:
+    """A flow's config: the caller's built config (as data) when given, else from the preset
+    (deployments and the UI pass preset/overrides)."""
+    return config_from_dict(config) if config is not None else load_config(preset, config_file,
+                                                                           overrides)
+
+
+def run_in_flow(stage: Stage, root: DataRoot, cfgs: dict[str, Any],
+                force: bool = False) -> dict | State:
+    """The body of every stage flow: the report as a dict, or a Failed state carrying it."""
+    report = drive(stage, root, cfgs, PrefectTasks(), force, sinks=[ProgressArtifact(stage.name)])
+    publish(report, root, stage.name)
+    if report.failed:
+        ids = ", ".join(list(report.failed)[:10])
+        return Failed(message=f"{stage.name}: {len(report.failed)} shards failed ({ids})",
+                      data=report.to_dict())
+    return report.to_dict()
+
+
 def _make_flow(stage_name: str):
     flow_name = "racm3-demo-data" if stage_name == "demo" else f"racm3-{stage_name}"
 
-    @flow(name=flow_name, task_runner=ThreadPoolTaskRunner(max_workers=2))  # type: ignore[arg-type]
+    @flow(name=flow_name)
     def stage_flow(data_root: str = "data", preset: str = "demo", config_file: str | None = None,
-                   overrides: list[str] | None = None, force: bool = False) -> dict:
-        cfgs = load_config(preset, config_file, overrides)
-        return run_stage_in_flow(stage_name, DataRoot(data_root), cfgs, force).to_dict()
+                   overrides: list[str] | None = None, force: bool = False,
+                   config: dict | None = None) -> dict | State:
+        cfgs = build_config(config, preset, config_file, overrides)
+        return run_in_flow(get_stage(stage_name), DataRoot(data_root), cfgs, force)
 
     return stage_flow
+
+
+def report_of(state: State) -> StageReport:
+    """The StageReport a stage flow run ended with, Completed or Failed."""
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, BaseException):
+        raise data
+    return StageReport.from_dict(data)
+
+
+def run_stage_flow(stage_name: str, data_root: str, cfgs: dict[str, Any],
+                   force: bool = False) -> StageReport:
+    """Run a stage's flow with an already built config (what the CLI and end-to-end flows do)."""
+    from pipelines.core.registry import config_to_dict
+
+    state = STAGE_FLOWS[stage_name](data_root=data_root, config=config_to_dict(cfgs),
+                                    force=force, return_state=True)
+    return report_of(state)
 
 
 STAGE_FLOWS = {name: _make_flow(name) for name in STAGES}

@@ -14,6 +14,9 @@ from fsspec.core import url_to_fs
 
 TMP_MARK = ".tmp-"
 DIGEST_CHUNK = 1 << 20
+# This process's writer id: carried in every temp name, so a run cleans up only the temps of
+# writers that are gone (their lease expired or was released), never a live run's.
+PROCESS_OWNER = uuid.uuid4().hex[:12]
 
 
 @dataclass
@@ -21,6 +24,7 @@ class DataRoot:
     """A data root: `<root>/<stage>/<shard_id>.<ext>` plus manifests beside the shards."""
 
     uri: str
+    owner: str = PROCESS_OWNER  # writer id in temp names (hex, no "-")
     fs: fsspec.AbstractFileSystem = field(init=False, repr=False)
     path: str = field(init=False)
 
@@ -67,8 +71,8 @@ class DataRoot:
         return self.fs.exists(path)
 
     def tmp_name(self, path: str) -> str:
-        """A sibling temporary name; renamed over `path` once complete."""
-        return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        """A sibling temporary name carrying the writer id; renamed over `path` once complete."""
+        return f"{path}{TMP_MARK}{self.owner}-{uuid.uuid4().hex[:8]}"
 
     def commit(self, tmp: str, final: str) -> None:
         """Atomically (on local and POSIX filesystems) move a finished temp file into place."""
@@ -84,15 +88,24 @@ class DataRoot:
             f.write(data)
         self.commit(tmp, path)
 
-    def clean_tmp(self, stage: str) -> int:
-        """Remove temp files left by a killed run; returns how many."""
+    def clean_tmp(self, stage: str, keep: frozenset[str] | set[str] = frozenset()) -> int:
+        """Remove temp files left by killed runs, except those of the writers in `keep`.
+
+        The driver calls it holding the stage's lease, with `keep` = its own id, so the only
+        other writers whose temps can be present are dead or have lost their lease.
+        """
         d = self.stage_dir(stage)
         if not self.fs.exists(d):
             return 0
-        stale = [p for p in self.fs.find(d) if TMP_MARK in posixpath.basename(p)]
-        for p in stale:
-            self.fs.rm(p, recursive=True)
-        return len(stale)
+        found = self.fs.find(d, withdirs=True)
+        stale = [p for p in found if TMP_MARK in posixpath.basename(p.rstrip("/"))
+                 and tmp_owner(p) not in keep]
+        removed = 0
+        for p in sorted(stale, key=len):  # a temp folder first, then (already gone) its files
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=True)
+                removed += 1
+        return removed
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(self.fs.glob(self.join(pattern)))
@@ -103,6 +116,12 @@ class DataRoot:
         for p in sorted(self.fs.ls(self.path, detail=False)):
             if self.fs.isdir(p):
                 yield posixpath.basename(p.rstrip("/"))
+
+
+def tmp_owner(path: str) -> str:
+    """The writer id in a temp name ("" for names from before ids were carried)."""
+    tail = posixpath.basename(path.rstrip("/")).split(TMP_MARK, 1)[1]
+    return tail.split("-", 1)[0] if "-" in tail else ""
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -8,35 +8,35 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.core.runconfig import BeamConfig
-from pipelines.core.stage import ShardSpec, Stage, execute_shard
+from pipelines.core.attempt import run_with_retries
+from pipelines.core.runconfig import BeamConfig, RunConfig
+from pipelines.core.stage import ShardSpec, Stage
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
 
 
 class ShardDoFn(beam.DoFn):
-    """Executes shards under the shard contract. Holds only names and config: picklable anywhere."""
+    """Executes shards under the shard contract and the run policy (retries, deadline).
 
-    def __init__(self, stage_name: str, root_uri: str, cfg: Any):
-        self.stage_name, self.root_uri, self.cfg = stage_name, root_uri, cfg
+    Holds only names and config, so it pickles to any runner's workers.
+    """
+
+    def __init__(self, stage: Stage, root_uri: str, cfg: Any, run: RunConfig, owner: str):
+        self.stage_ref = type(stage)
+        self.root_uri, self.cfg, self.run, self.owner = root_uri, cfg, run, owner
 
     def setup(self) -> None:
-        from pipelines.core.registry import get_stage
-
-        self.stage = get_stage(self.stage_name)
-        self.root = DataRoot(self.root_uri)
+        self.stage = self.stage_ref()
+        self.root = DataRoot(self.root_uri, owner=self.owner)  # temps carry the lease holder's id
         self.resources = self.stage.load(self.cfg)  # once per worker, as DoFn.setup promises
 
     def process(self, spec: ShardSpec):
-        try:
-            m = execute_shard(self.stage, self.root, self.cfg, spec, self.resources)
-            yield (spec.shard_id, "")
-        except Exception as e:  # noqa: BLE001 - reported per shard; the rest of the stage goes on
-            log.exception("%s/%s failed", self.stage_name, spec.shard_id)
-            yield (spec.shard_id, f"{type(e).__name__}: {e}")
-        else:
-            log.info("%s/%s done: %d rows", self.stage_name, m.shard_id, m.rows_out)
+        m, err = run_with_retries(self.stage, self.root, self.cfg, spec, self.resources,
+                                  self.run.retries, self.run.shard_timeout_s, self.owner)
+        if m is not None:
+            log.info("%s/%s done: %d rows", self.stage.name, m.shard_id, m.rows_out)
+        yield (spec.shard_id, err or "")
 
 
 def pipeline_options(bcfg: BeamConfig) -> PipelineOptions:
@@ -47,16 +47,21 @@ def pipeline_options(bcfg: BeamConfig) -> PipelineOptions:
 
 
 def run_on_beam(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
-                bcfg: BeamConfig) -> dict[str, str]:
+                bcfg: BeamConfig, run: RunConfig | None = None,
+                owner: str | None = None) -> dict[str, str]:
     """Run `specs` on the configured runner; returns {shard_id: error} for shards that failed."""
     failures: dict[str, str] = {}
+    for spec in specs:  # error files of an earlier killed run are not this run's
+        if root.exists(_failure_path(root, stage.name, spec.shard_id)):
+            root.fs.rm(_failure_path(root, stage.name, spec.shard_id))
     opts = pipeline_options(bcfg)
     with beam.Pipeline(options=opts) as p:
         results = (
             p
             | f"{stage.name}:shards" >> beam.Create(specs)
             | f"{stage.name}:spread" >> beam.Reshuffle()
-            | f"{stage.name}:execute" >> beam.ParDo(ShardDoFn(stage.name, root.uri, cfg))
+            | f"{stage.name}:execute" >> beam.ParDo(
+                ShardDoFn(stage, root.uri, cfg, run or RunConfig(), owner or root.owner))
         )
         errors = results | f"{stage.name}:errors" >> beam.Filter(lambda kv: bool(kv[1]))
         # Errors come back through the data root so no driver state is needed on any runner.

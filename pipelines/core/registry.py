@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "retrieve": "pipelines.retrieval.retrieve:RetrieveStage",
     "pack": "pipelines.training.pack:PackStage",
     "train": "pipelines.training.train:TrainStage",
+    "evaluate-part": "pipelines.evaluation.evaluate:EvaluatePartStage",
     "evaluate": "pipelines.evaluation.evaluate:EvaluateStage",
 }
 
@@ -60,6 +61,22 @@ def load_config(preset: str = "demo", file: str | None = None,
     if unknown:
         raise ConfigError(unknown[0], f"unknown config section; sections: {', '.join(sections)}")
     return {s: build(cls, s, raw.get(s, {})) for s, cls in sections.items()}
+
+
+def config_to_dict(cfgs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The built config as plain data (JSON-able): what flows pass to each other."""
+    import dataclasses
+
+    return {s: dataclasses.asdict(c) for s, c in cfgs.items()}
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Rebuild (and re-validate) the config from `config_to_dict`'s form."""
+    sections = section_classes()
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown config section; sections: {', '.join(sections)}")
+    return {s: build(cls, s, data.get(s, {})) for s, cls in sections.items()}
 
 
 def config_of(root: Any, stage_name: str, missing_ok: bool = False) -> Any:

@@ -9,15 +9,21 @@ from pipelines.core.config import StageConfig
 
 @dataclass(frozen=True)
 class RunConfig(StageConfig):
-    """How stages are driven (never part of any fingerprint)."""
+    """How stages are driven (never part of any fingerprint), on every executor alike."""
 
     SECTION = "run"
-    retries: int = 1  # extra attempts for a shard that raised (I/O hiccups)
-    shard_concurrency: int = 2  # shards run at once by the Prefect flow of a local-engine stage
+    retries: int = 1  # extra attempts for a shard that raised (I/O hiccups); timeouts are final
+    shard_concurrency: int = 2  # shards of a local-engine stage run at once (threads)
+    shard_timeout_s: float = 0.0  # a shard running longer is stopped and failed; 0 = no limit
+    lease_wait_s: float = 0.0  # wait this long for another run's stage lease, then exit 2
+    lease_ttl_s: float = 60.0  # a lease not renewed for this long is expired (holder dead)
 
     def __post_init__(self) -> None:
         self.check(self.retries >= 0, "retries", "must be >= 0")
         self.check(self.shard_concurrency >= 1, "shard_concurrency", "must be >= 1")
+        self.check(self.shard_timeout_s >= 0, "shard_timeout_s", "must be >= 0 (0 = no limit)")
+        self.check(self.lease_wait_s >= 0, "lease_wait_s", "must be >= 0")
+        self.check(self.lease_ttl_s >= 3, "lease_ttl_s", "must be >= 3 seconds")
 
 
 @dataclass(frozen=True)

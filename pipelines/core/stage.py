@@ -6,8 +6,10 @@ worker function that a test, a Beam DoFn and a Prefect task all call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,12 +51,23 @@ class ShardResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class ShardCancelled(Exception):
+    """Raised inside a shard that ran past its deadline; its outputs are never committed."""
+
+
 class ShardContext:
     """Handed to `run_shard`: input access and temp outputs that commit only on success."""
 
-    def __init__(self, root: DataRoot, spec: ShardSpec, cfg: Any):
+    def __init__(self, root: DataRoot, spec: ShardSpec, cfg: Any,
+                 cancel: threading.Event | None = None):
         self.root, self.spec, self.cfg = root, spec, cfg
+        self.cancel = cancel or threading.Event()  # set when the driver gave up on this shard
         self._pending: dict[str, str] = {}  # final path -> temp path
+
+    def check_cancelled(self) -> None:
+        """Long shards may call this between batches to stop promptly after a timeout."""
+        if self.cancel.is_set():
+            raise ShardCancelled(f"{self.spec.stage}/{self.spec.shard_id} was cancelled")
 
     def input_path(self, i: int = 0) -> str:
         p = self.spec.inputs[i].path
@@ -81,6 +94,7 @@ class ShardContext:
 
     def commit(self) -> dict[str, str]:
         """Rename every temp output into place; returns {relative path: digest}."""
+        self.check_cancelled()
         outputs = {}
         for final, tmp in self._pending.items():
             if self.root.fs.exists(final) and self.root.fs.isdir(final):
@@ -110,7 +124,7 @@ class Stage:
         if "name" in cls.__dict__:  # a concrete stage: derive everything from its declaration
             cls.section = cls.name.replace("-", "_")
             if "config" in cls.__dict__:  # field names in config errors: `<section>.<field>`
-                cls.config.SECTION = cls.section
+                cls.config.SECTION = cls.section  # type: ignore[attr-defined]
 
     def plan(self, root: DataRoot, cfg: Any) -> list[ShardSpec]:
         raise NotImplementedError
@@ -150,10 +164,17 @@ def shard_states(stage: Stage, root: DataRoot, cfg: Any) -> list[ShardState]:
 
 
 def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
-                  resources: Any = None, flow_run_id: str | None = None) -> Manifest:
-    """Compute one shard, commit its outputs, then write its manifest (last)."""
+                  resources: Any = None, flow_run_id: str | None = None,
+                  cancel: threading.Event | None = None, owner: str | None = None) -> Manifest:
+    """Compute one shard, commit its outputs, then write its manifest (last).
+
+    `cancel` (set by the driver at the shard's deadline) refuses the commit; `owner` is the
+    writer id carried in temp names (the stage lease holder's).
+    """
     t0 = time.time()
-    ctx = ShardContext(root, spec, cfg)
+    if owner and owner != root.owner:
+        root = dataclasses.replace(root, owner=owner)
+    ctx = ShardContext(root, spec, cfg, cancel)
     try:
         result = stage.run_shard(ctx, resources)
         t1 = time.time()
@@ -171,6 +192,7 @@ def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
         params=params, timings={"compute_s": round(t1 - t0, 4), "total_s": round(time.time() - t0, 4)},
         flow_run_id=flow_run_id or current_flow_run_id(),
     )
+    ctx.check_cancelled()  # a shard past its deadline must not become "done"
     write_manifest(root, m)
     return m
 

@@ -1,0 +1,53 @@
+"""The console a person reads: racm3's own log lines once each, library chatter kept out."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+QUIET = ("httpx", "faiss.loader", "apache_beam", "distributed", "urllib3", "PIL", "matplotlib")
+LIGHTNING = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+TIP = "💡 Tip"
+
+
+class DropChatter(logging.Filter):
+    """Library tips (Lightning's "💡 Tip: ... try installing ..."), open_clip's per-model INFO
+    lines (logged through the root logger, `logging.info`) and, unless verbose, Lightning's
+    INFO banners (devices, model summaries). Sits on the root handlers, which Prefect keeps."""
+
+    def __init__(self, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if TIP in str(record.msg):
+            return False
+        if record.levelno >= logging.WARNING or self.verbose:
+            return True
+        return "open_clip" not in record.pathname and not record.name.startswith(LIGHTNING)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One handler (the root's) prints every line; library loggers propagate to it."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # open_clip/HF download bars: racm3 shows its own
+    chatter = DropChatter(verbose)
+    logging.getLogger().addFilter(chatter)
+    for h in logging.getLogger().handlers:
+        h.addFilter(chatter)
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    single_lightning_path()
+
+
+def single_lightning_path() -> None:
+    """Lightning adds its own stream handler (and stops propagating) when imported before
+    logging is configured; its lines then print twice once Prefect's handlers see them too.
+    Route them through the root handler only."""
+    for name in LIGHTNING:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
+        lg.propagate = True

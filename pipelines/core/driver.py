@@ -1,0 +1,135 @@
+"""The one stage driver: take the stage's lease, clean dead writers' temps, plan the pending
+shards and run them on an executor (in-process threads, Prefect tasks, Beam), with progress.
+
+`racm3 run --local`, every Prefect stage flow, the end-to-end flows and the benchmarks all call
+`drive`; only the executor differs, and every executor applies the same run policy
+(`run.retries`, `run.shard_concurrency`, `run.shard_timeout_s`, see pipelines/core/attempt.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipelines.core.attempt import run_with_retries
+from pipelines.core.progress import Progress, ProgressSink
+from pipelines.core.report import StageReport
+from pipelines.core.runconfig import BeamConfig, RunConfig
+from pipelines.core.stage import ShardSpec, Stage, shard_states
+from storage.fs import DataRoot
+from storage.manifest import Manifest, read_manifest
+
+log = logging.getLogger("racm3")
+
+# (spec, manifest on success, error on failure); executors may call it from any thread.
+OnResult = Callable[[ShardSpec, Manifest | None, str | None], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything an executor needs to run a stage's shards."""
+
+    stage: Stage
+    root: DataRoot
+    cfg: Any
+    run: RunConfig
+    beam: BeamConfig
+    owner: str  # writer id (the lease holder) carried in temp names
+
+
+class Executor(Protocol):
+    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None: ...
+
+
+class InProcess:
+    """Shards on `run.shard_concurrency` threads of this process; a Beam stage on its runner."""
+
+    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
+        if job.stage.engine == "beam":
+            return BeamRunner().run(job, specs, on_result)
+        resources = job.stage.load(job.cfg)
+
+        def one(spec: ShardSpec) -> tuple[Manifest | None, str | None]:
+            return run_with_retries(job.stage, job.root, job.cfg, spec, resources, job.run.retries,
+                                    job.run.shard_timeout_s, job.owner)
+
+        workers = min(job.run.shard_concurrency, len(specs))
+        if workers <= 1:
+            for spec in specs:
+                on_result(spec, *one(spec))
+            return None
+        with ThreadPoolExecutor(workers, thread_name_prefix=f"racm3-{job.stage.name}") as pool:
+            futures = {pool.submit(one, spec): spec for spec in specs}
+            for fut in as_completed(futures):
+                on_result(futures[fut], *fut.result())
+        return None
+
+
+class BeamRunner:
+    """A Beam stage's pending shards as one Beam pipeline on `beam.runner`."""
+
+    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
+        from pipelines.core.beam import run_on_beam
+
+        failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
+        for spec in specs:
+            report_committed(job, spec, failures.get(spec.shard_id), on_result)
+
+
+def report_committed(job: Job, spec: ShardSpec, error: str | None, on_result: OnResult) -> None:
+    """Report a shard that ran elsewhere (Beam worker): its manifest is the proof it committed."""
+    m = None if error else read_manifest(job.root, job.stage.name, spec.shard_id)
+    on_result(spec, m, error or (None if m else "no manifest after the shard ran"))
+
+
+def pending(stage: Stage, root: DataRoot, cfg: Any, force: bool) -> tuple[list[ShardSpec], list[str]]:
+    """(specs to run, shard ids already done)."""
+    todo, done = [], []
+    for s in shard_states(stage, root, cfg):
+        if s.state == "done" and not force:
+            done.append(s.spec.shard_id)
+        else:
+            todo.append(s.spec)
+    return todo, done
+
+
+def drive(stage: Stage, root: DataRoot, cfgs: dict[str, Any], executor: Executor | None = None,
+          force: bool = False, sinks: Iterable[ProgressSink] = ()) -> StageReport:
+    """Run `stage`'s pending shards on `executor` (default: in-process) and report."""
+    from storage.lease import stage_lease
+
+    t0 = time.time()
+    run: RunConfig = cfgs.get("run") or RunConfig()
+    cfg = cfgs.get(stage.section)
+    with stage_lease(root, stage.name, run) as lease:
+        cleaned = root.clean_tmp(stage.name, keep={lease.owner})
+        if cleaned:
+            log.info("%s: removed %d temp files left by an interrupted run", stage.name, cleaned)
+        todo, done = pending(stage, root, cfg, force)
+        report = StageReport(stage.name, skipped=done)
+        log.info("%s: %d shards to run, %d already done", stage.name, len(todo), len(done))
+        if todo:
+            job = Job(stage, root, cfg, run, cfgs.get("beam") or BeamConfig(), lease.owner)
+            progress = Progress(stage.name, len(todo), sinks)
+            lock = threading.Lock()
+
+            def on_result(spec: ShardSpec, m: Manifest | None, error: str | None) -> None:
+                with lock:  # executors call back from their worker threads
+                    if m is not None:
+                        report.add(m)
+                    else:
+                        report.failed[spec.shard_id] = error or "failed"
+                    progress.shard_done(m.rows_in if m else 0, failed=m is None)
+
+            try:
+                (executor or InProcess()).run(job, todo, on_result)
+            finally:
+                progress.close()
+    report.finish()
+    report.seconds = time.time() - t0
+    return report

@@ -1,0 +1,56 @@
+"""The one driver on its in-process executor: retries, shard concurrency, shard deadline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines.core.driver import InProcess, drive
+from pipelines.core.runconfig import RunConfig
+from storage.manifest import list_manifests, read_manifest
+from tests.pipelines.core.toy_stage import Counters, ToyStage, toy_cfgs
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    Counters.reset()
+
+
+def test_runs_pending_then_skips_done(root):
+    report = drive(ToyStage(), root, toy_cfgs(), InProcess())
+    assert report.ok and report.ran == ["000", "001", "002", "003"] and report.rows_out == 12
+    again = drive(ToyStage(), root, toy_cfgs())
+    assert again.ran == [] and len(again.skipped) == 4
+
+
+def test_retries_take_effect(root):
+    report = drive(ToyStage(), root, toy_cfgs(RunConfig(retries=2), fail_times=2, sleep_s=0))
+    assert report.ok and all(Counters.attempts[s] == 3 for s in report.ran)
+    Counters.reset()
+    short = drive(ToyStage(), root, toy_cfgs(RunConfig(retries=1), fail_times=2, sleep_s=0),
+                  force=True)
+    assert set(short.failed) == {"000", "001", "002", "003"}
+    assert "OSError: flaky attempt 2" in short.failed["000"]
+    assert all(n == 2 for n in Counters.attempts.values())
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_shard_concurrency_takes_effect(root, concurrency):
+    report = drive(ToyStage(), root,
+                   toy_cfgs(RunConfig(shard_concurrency=concurrency), shards=6, sleep_s=0.3))
+    assert report.ok and Counters.max_running == concurrency
+
+
+def test_shard_timeout_stops_and_fails_the_shard(root):
+    t0 = time.monotonic()
+    report = drive(ToyStage(), root, toy_cfgs(RunConfig(shard_timeout_s=1.0, retries=3),
+                                              hang="001", sleep_s=0.1))
+    assert time.monotonic() - t0 < 15
+    assert set(report.failed) == {"001"} and report.ran == ["000", "002", "003"]
+    assert "ShardTimeout" in report.failed["001"] and "run.shard_timeout_s=1s" in report.failed["001"]
+    assert Counters.attempts["001"] == 1  # a timeout is not retried
+    assert Counters.hang_exit and float(Counters.hang_exit[0]) < 10  # the loop was really stopped
+    assert read_manifest(root, "toy", "001") is None
+    assert not root.glob("toy/001.parquet*")  # its temp output was cleaned up, nothing committed
+    assert len(list_manifests(root, "toy")) == 3
