@@ -20,7 +20,7 @@ def address_problem(ip: str) -> str | None:
         if mapped is not None:
             return address_problem(str(mapped))
     # Order matters: 127.0.0.1 is also "private" in Python's tables; name the most specific kind.
-    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(addr, f"is_{kind}"):
             return kind
     if not addr.is_global:  # shared (100.64/10), documentation ranges and the like
