@@ -69,3 +69,31 @@ def test_failed_shard_fails_the_flow_run(harness, root):
     arts = asyncio.run(artifacts_of(state.state_details.flow_run_id))
     md = arts["racm3-toy-failures"].data
     assert "| 002 | ShardTimeout" in md and "| 000 | OSError: flaky attempt 2" in md
+
+
+def test_cli_exits_1_with_failed_shards_on_both_paths(harness, small_demo, capsys):
+    from flows.cli import main
+
+    root, _, overrides = small_demo
+    sets = [a for o in [*overrides, "run.shard_timeout_s=0.001"] for a in ("--set", o)]
+    for path in (["--local"], []):  # in-process, then the Prefect flow (the harness's server)
+        code = main(["run", "filter", *path, "--data-root", root.uri, *sets])
+        out = capsys.readouterr().out
+        assert code == 1, path
+        assert "FAILED filter/" in out and "ShardTimeout" in out and "run.shard_timeout_s" in out
+
+
+def test_ephemeral_server_timeout_is_a_message_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1")
+    racm3 = str(Path(sys.executable).parent / "racm3")
+    r = subprocess.run([racm3, "run", "filter", "--data-root", str(tmp_path / "d")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "prefect server start" in r.stderr
+    assert "PREFECT_API_URL" in r.stderr and "--local" in r.stderr
