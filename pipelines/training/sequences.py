@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.document import EOS, INFILL, PAD, Vocab, sequence_positions
+from model.document import EOS, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
 from storage.shards import read_table
@@ -47,6 +47,7 @@ class AssemblyConfig:
     max_span_frac: float = 0.5  # a span covers at most this fraction of the document
     random_neighbours: bool = False  # "random at train" ablation: random documents, not retrieved
     overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
+    caption_dropout: float = 0.0  # share of main documents with the caption dropped (guidance); 0 = paper
 
 
 @dataclass
@@ -207,6 +208,16 @@ def mask_spans(doc: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab) -> n
     return np.concatenate(kept + tail + [np.array([EOS])]).astype(doc.dtype)
 
 
+def maybe_drop_caption(rng: np.random.Generator, doc: np.ndarray, cfg: AssemblyConfig) -> np.ndarray:
+    """`<img alt="" src="` image `">`: the caption dropped at rate caption_dropout, so the model
+    also learns the unconditional branch of classifier-free guidance (no draw at rate 0: runs
+    without it keep their random stream)."""
+    if cfg.caption_dropout <= 0 or rng.random() >= cfg.caption_dropout:
+        return doc
+    src = int(np.flatnonzero(doc == IMG_SRC)[0])
+    return np.concatenate([doc[:1], doc[src:]])
+
+
 def maybe_mask(rng: np.random.Generator, doc: np.ndarray, vocab: Vocab,
                cfg: AssemblyConfig) -> np.ndarray:
     if cfg.mask_prob <= 0 or rng.random() >= cfg.mask_prob or vocab.n_sentinels == 0:
@@ -252,7 +263,7 @@ def draw_unit(rng: np.random.Generator, key: Any, corpus: DocSource, cfg: Assemb
     k = int(rng.integers(0, cfg.k_max + 1))
     counts[f"k{k}"] += 1
     neighbours = choose_neighbours(rng, key, corpus, k, cfg.random_neighbours, counts)
-    main = maybe_mask(rng, corpus.doc(key), corpus.vocab, cfg)
+    main = maybe_mask(rng, maybe_drop_caption(rng, corpus.doc(key), cfg), corpus.vocab, cfg)
     retrieved, fitted = fit_unit([corpus.doc(n) for n in neighbours], main, cfg, counts)
     if fitted is None:
         return None

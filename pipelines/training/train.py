@@ -97,6 +97,7 @@ class TrainConfig(StageConfig):
     random_neighbours: bool = False  # ablation: random documents instead of retrieved ones
     overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
     holdout_fraction: float = 0.0  # documents (stable by key) never trained on, for held-out ppl
+    caption_dropout: float = 0.0  # share of main documents trained without their caption (guidance); 0 = paper
     precision: str = "auto"  # Lightning precision; auto = bf16/fp16 mixed on GPU, fp32 on CPU
     seed: int = 0  # model init and data order
     pin_codebook: str = ""  # refuse token shards from another codebook ("" = no pin)
@@ -137,6 +138,7 @@ class TrainConfig(StageConfig):
         self.check(0 < self.max_span_frac <= 1, "max_span_frac", "must be in (0, 1]")
         self.check(self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop")
         self.check(0 <= self.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
+        self.check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
         self.check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
 
     @property
@@ -152,7 +154,8 @@ class TrainConfig(StageConfig):
         k = self.k_max if self.variant == "ra-cm3" else 0
         return AssemblyConfig(seq_len=seq_len, k_max=k, alpha=self.alpha, mask_prob=self.mask_prob,
                               max_spans=self.max_spans, max_span_frac=self.max_span_frac,
-                              random_neighbours=self.random_neighbours, overlong=self.overlong)
+                              random_neighbours=self.random_neighbours, overlong=self.overlong,
+                              caption_dropout=self.caption_dropout)
 
     def resolve_seq_len(self, corpus: DocSource) -> int:
         """Explicit seq_len, or room for k_max + 1 documents (the same for both variants, so
