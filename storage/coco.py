@@ -54,6 +54,7 @@ class CocoItem:
 
     entry: CocoEntry
     data: bytes
+    position: int = 0  # index of its entry in CocoIndex.entries
 
 
 @dataclass
@@ -134,14 +135,14 @@ def iter_images(root: DataRoot, index: CocoIndex, start: int = 0,
                 stop: int | None = None) -> Iterator[CocoItem]:
     """The usable images of entries[start:stop], one at a time; missing or undecodable ones are
     counted in index.counts and skipped."""
-    for entry in index.entries[start:stop]:
+    for pos, entry in enumerate(index.entries[start:stop], start=start):
         data = read_image(root, index.dirs, entry.file_name)
         if data is None:
             index.counts["skipped_missing_image"] += 1
         elif not decodable(data):
             index.counts["skipped_undecodable_image"] += 1
         else:
-            yield CocoItem(entry, data)
+            yield CocoItem(entry, data, pos)
 
 
 def load_coco(root: DataRoot, path: str, max_images: int = 0, image_dir: str = "",

@@ -1,5 +1,7 @@
-"""The evaluation report: metrics table, training loss curves (hand-drawn SVG from Lightning's CSV
-logs) and image grids, as Markdown (figures beside it) and one self-contained HTML page."""
+"""The evaluation report: metrics table with 95% intervals and paired differences, training loss
+curves (hand-drawn SVG from Lightning's CSV logs) and image grids, as Markdown (figures beside it)
+and one self-contained HTML page. Figures are drawn by the part shards (`showcase`); the page is
+written by the reduce step from those records alone (no models needed)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import io
 import posixpath
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from storage.fs import DataRoot
@@ -18,7 +19,8 @@ from storage.manifest import read_manifest
 
 if TYPE_CHECKING:
     from pipelines.core.stage import ShardContext
-    from pipelines.evaluation.evaluate import Example, Setup
+    from pipelines.evaluation.drive import Example
+    from pipelines.evaluation.lineage import Setup
 
 CURVES = ("l_main", "l_image", "l_text")  # main-document losses: comparable across variants
 COLOURS = {"ra-cm3": "#d62728", "vanilla": "#1f77b4"}
@@ -113,21 +115,34 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def memory_image(setup: Setup, key: str) -> Image.Image | None:
-    from pipelines.evaluation.evaluate import decode_codes
-
-    if key not in setup.memory:
-        return None
-    _, codes = setup.vocab.decode(setup.memory[key].tolist())
-    return decode_codes(setup, np.asarray([codes]))[0]
-
-
 def text_to_image_row(setup: Setup, ex: Example) -> Image.Image:
     """Retrieved documents' images (by the caption), then each model's kept image, then the real one."""
+    from pipelines.evaluation.lineage import memory_image
+
     tiles = [thumb(memory_image(setup, k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
     tiles += [thumb(ex.images.get(m), label) for m, label in
               (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"), ("retrieval-baseline", "baseline"))]
     return row_image(tiles + [thumb(ex.real, "real")])
+
+
+def retrieved_text(setup: Setup, keys: list[str]) -> str:
+    return "; ".join(f"“{setup.memory_captions.get(k, k)}”" for k in keys) or "(none)"
+
+
+def showcase(setup: Setup, ex: Example, fig_dir: str, root: DataRoot) -> dict[str, Any]:
+    """Write one example's two figures into fig_dir; its texts for the report."""
+    pos = ex.item.position
+    figs = {f"t2i_{pos}.png": text_to_image_row(setup, ex),
+            f"i2t_{pos}.png": thumb(ex.real, f"image {ex.item.image_id}")}
+    root.makedirs(fig_dir)
+    for name, image in figs.items():
+        with root.fs.open(posixpath.join(fig_dir, name), "wb") as f:
+            f.write(png_bytes(image))
+    return {"position": pos, "image_id": ex.item.image_id, "caption": ex.caption,
+            "refs": ex.item.captions, "captions": dict(ex.captions),
+            "retrieved_by_caption": retrieved_text(setup, ex.by_caption),
+            "retrieved_by_image": retrieved_text(setup, ex.by_image),
+            "t2i": f"t2i_{pos}.png", "i2t": f"i2t_{pos}.png"}
 
 
 # ---------------------------------------------------------------------------- tables
@@ -146,9 +161,28 @@ def metric_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for n in names:
         hint = " ↓" if any(t in n for t in LOWER_IS_BETTER) else (" ↑" if "_n" not in n else "")
-        rows.append([n + hint] + [fmt(metrics["models"][m][n]) if n in metrics["models"][m] else "—"
-                                  for m in models])
+        rows.append([n + hint] + [cell(metrics, m, n) for m in models])
     return ["metric", *models], rows
+
+
+def cell(metrics: dict[str, Any], model: str, name: str) -> str:
+    """`value [lo, hi]` (the 95% bootstrap interval when there is one), '—' when absent."""
+    if name not in metrics["models"][model]:
+        return "—"
+    iv = metrics.get("intervals", {}).get(model, {}).get(name)
+    v = fmt(metrics["models"][model][name])
+    return f"{v} [{fmt(iv[0])}, {fmt(iv[1])}]" if iv else v
+
+
+def difference_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Paired differences (same resampled images) with their intervals."""
+    diffs = metrics.get("differences") or {}
+    if not diffs:
+        return None
+    rows = [[pair, name, fmt(d["value"]), f"[{fmt(d['lo'])}, {fmt(d['hi'])}]",
+             "yes" if d["separates"] else "no"]
+            for pair, ds in diffs.items() for name, d in ds.items()]
+    return ["difference", "metric", "value", "95% interval", "excludes 0"], rows
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -178,7 +212,11 @@ def facts(metrics: dict[str, Any]) -> list[str]:
             + ("" if metrics["fid_features"] == "FID" else
                " — a substitute for Inception-v3, not comparable to published FID."),
             "CIDEr-D is x100 as in the paper's tables; perplexities: image ppl retrieves with the "
-            "caption, text ppl with the image (no leakage)."]
+            "caption (caption first), text ppl with the image, scored in the infilling form (image "
+            "first, then the caption) for every model; `text ppl (caption first)` for comparison. "
+            "[lo, hi]: 95% bootstrap interval over test images.",
+            f"KID: unbiased MMD^2 (cubic polynomial kernel) on the same features as "
+            f"{metrics['fid_features']}."]
 
 
 def recall_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
@@ -193,33 +231,34 @@ def recall_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | 
 # ---------------------------------------------------------------------------- writing
 
 
-def write_report(ctx: ShardContext, metrics: dict[str, Any], examples: list[Example],
-                 setup: Setup, curves: Curves, show: int) -> None:
+def write_report(ctx: ShardContext, metrics: dict[str, Any], show: list[dict[str, Any]],
+                 curves: Curves) -> None:
     """main.report.md (+ main.figures/), main.report.html (images and charts inlined)."""
     root = ctx.root
     fig_dir = ctx.output_path("figures")
     root.makedirs(fig_dir)
-    figs: list[tuple[str, bytes]] = []
-    for i, ex in enumerate(examples[:show]):
-        figs.append((f"t2i_{i}.png", png_bytes(text_to_image_row(setup, ex))))
-        figs.append((f"i2t_{i}.png", png_bytes(thumb(ex.real, f"image {ex.item.image_id}"))))
-    for name, data in figs:
-        with root.fs.open(posixpath.join(fig_dir, name), "wb") as f:
-            f.write(data)
+    figs: dict[str, bytes] = {}
+    for ex in show:
+        for name in (ex["t2i"], ex["i2t"]):
+            with root.fs.open(posixpath.join(ex["figures"], name), "rb") as f:
+                figs[name] = f.read()
+            with root.fs.open(posixpath.join(fig_dir, name), "wb") as f:
+                f.write(figs[name])
     charts = [c for c in (svg_chart(curves, m) for m in CURVES) if c]
     with root.fs.open(ctx.output_path("report.md"), "w") as f:
-        f.write(markdown(metrics, examples[:show], setup, bool(charts)))
+        f.write(markdown(metrics, show, bool(charts)))
     with root.fs.open(ctx.output_path("report.html"), "w") as f:
-        f.write(html_page(metrics, examples[:show], setup, charts, dict(figs)))
+        f.write(html_page(metrics, show, charts, figs))
 
 
-def retrieved_text(setup: Setup, keys: list[str]) -> str:
-    return "; ".join(f"“{setup.memory_captions.get(k, k)}”" for k in keys) or "(none)"
+MODEL_ORDER = ("ra-cm3", "vanilla", "retrieval-baseline")
 
 
-def markdown(metrics: dict[str, Any], examples: list[Example], setup: Setup, charts: bool) -> str:
+def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool) -> str:
     header, rows = metric_rows(metrics)
     out = ["# RA-CM3 evaluation", "", md_table(header, rows), ""]
+    if (diff := difference_rows(metrics)) is not None:
+        out += ["## Paired differences", "", md_table(*diff), ""]
     out += [f"- {line}" for line in facts(metrics)] + [""]
     if (rec := recall_rows(metrics)) is not None:
         out += ["## Retrieval recall (Table 4)", "", md_table(*rec), ""]
@@ -227,16 +266,15 @@ def markdown(metrics: dict[str, Any], examples: list[Example], setup: Setup, cha
         out += ["## Training loss curves", "", "See main.report.html (inline SVG charts).", ""]
     out += ["## Caption → image", "", "Columns: retrieved documents (by the caption), RA-CM3, "
             "vanilla CM3, retrieval baseline, real image.", ""]
-    for i, ex in enumerate(examples):
-        out += [f"**{ex.caption}** — retrieved: {retrieved_text(setup, ex.by_caption)}", "",
-                f"![caption {i}](main.figures/t2i_{i}.png)", ""]
+    for ex in show:
+        out += [f"**{ex['caption']}** — retrieved: {ex['retrieved_by_caption']}", "",
+                f"![caption {ex['position']}](main.figures/{ex['t2i']})", ""]
     out += ["## Image → caption", ""]
-    for i, ex in enumerate(examples):
-        out += [f"![image {i}](main.figures/i2t_{i}.png)", "",
-                f"- references: {' / '.join(ex.item.captions)}",
-                f"- retrieved (by the image): {retrieved_text(setup, ex.by_image)}"]
-        out += [f"- {m}: “{ex.captions.get(m, '—')}”" for m in ("ra-cm3", "vanilla",
-                                                             "retrieval-baseline")] + [""]
+    for ex in show:
+        out += [f"![image {ex['position']}](main.figures/{ex['i2t']})", "",
+                f"- references: {' / '.join(ex['refs'])}",
+                f"- retrieved (by the image): {ex['retrieved_by_image']}"]
+        out += [f"- {m}: “{ex['captions'].get(m, '—')}”" for m in MODEL_ORDER] + [""]
     return "\n".join(out)
 
 
@@ -250,29 +288,30 @@ def img_tag(data: bytes, alt: str) -> str:
             f'{base64.b64encode(data).decode()}"/>')
 
 
-def html_page(metrics: dict[str, Any], examples: list[Example], setup: Setup, charts: list[str],
+def html_page(metrics: dict[str, Any], show: list[dict[str, Any]], charts: list[str],
               figs: dict[str, bytes]) -> str:
     header, rows = metric_rows(metrics)
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>RA-CM3 evaluation</title>",
            f"<style>{STYLE}</style></head><body><h1>RA-CM3 evaluation</h1>",
-           html_table(header, rows), "<ul>"]
-    out += [f"<li>{html.escape(line)}</li>" for line in facts(metrics)] + ["</ul>"]
+           html_table(header, rows)]
+    if (diff := difference_rows(metrics)) is not None:
+        out += ["<h2>Paired differences</h2>", html_table(*diff)]
+    out += ["<ul>"] + [f"<li>{html.escape(line)}</li>" for line in facts(metrics)] + ["</ul>"]
     if (rec := recall_rows(metrics)) is not None:
         out += ["<h2>Retrieval recall (Table 4)</h2>", html_table(*rec)]
     if charts:
         out += ["<h2>Training loss curves (main-document NLL)</h2>", "<div>", *charts, "</div>"]
     out += ["<h2>Caption → image</h2><p>Retrieved documents (by the caption), RA-CM3, vanilla "
             "CM3, retrieval baseline, real image.</p>"]
-    for i, ex in enumerate(examples):
-        out += [f"<p><span class='cap'>{html.escape(ex.caption)}</span><br/>retrieved: "
-                f"{html.escape(retrieved_text(setup, ex.by_caption))}</p>",
-                img_tag(figs[f"t2i_{i}.png"], ex.caption)]
+    for ex in show:
+        out += [f"<p><span class='cap'>{html.escape(ex['caption'])}</span><br/>retrieved: "
+                f"{html.escape(ex['retrieved_by_caption'])}</p>", img_tag(figs[ex["t2i"]], ex["caption"])]
     out += ["<h2>Image → caption</h2>"]
-    for i, ex in enumerate(examples):
-        caps = "".join(f"<li>{m}: “{html.escape(ex.captions.get(m, '—'))}”</li>"
-                       for m in ("ra-cm3", "vanilla", "retrieval-baseline"))
-        out += ["<div>", img_tag(figs[f"i2t_{i}.png"], f"image {ex.item.image_id}"),
-                f"<ul><li>references: {html.escape(' / '.join(ex.item.captions))}</li>"
-                f"<li>retrieved (by the image): {html.escape(retrieved_text(setup, ex.by_image))}"
+    for ex in show:
+        caps = "".join(f"<li>{m}: “{html.escape(ex['captions'].get(m, '—'))}”</li>"
+                       for m in MODEL_ORDER)
+        out += ["<div>", img_tag(figs[ex["i2t"]], f"image {ex['image_id']}"),
+                f"<ul><li>references: {html.escape(' / '.join(ex['refs']))}</li>"
+                f"<li>retrieved (by the image): {html.escape(ex['retrieved_by_image'])}"
                 f"</li>{caps}</ul></div>"]
     return "\n".join(out + ["</body></html>"])

@@ -1,6 +1,8 @@
-"""Stage `evaluate` on a tiny trained set-up (fit-vqgan, tokenize, embed, index, retrieve, both
-variants trained a few steps): metrics.json with the three models and an HTML report with inline
-images; bad COCO entries counted; lineage mismatch refused; the leakage guard; no zero-sample metric."""
+"""Stages `evaluate-part` + `evaluate` on a tiny trained set-up (fit-vqgan, tokenize, embed, index,
+retrieve, both variants trained a few steps): metrics.json with the three models, intervals and
+paired differences, and an HTML report with inline images; sharded and streamed runs give the same
+metrics as one shard; bad COCO entries counted; lineage mismatch refused; the leakage guard; no
+zero-sample metric."""
 
 from __future__ import annotations
 
@@ -15,23 +17,19 @@ import torch
 from model.clip_encoder import decode_image
 from pipelines.core.runner import run_stage
 from pipelines.demo.fit_vqgan import FitVQGANConfig
-from pipelines.evaluation.evaluate import (
-    EvaluateConfig,
-    Example,
-    caption_metrics,
-    evaluate,
-    guarded_search,
-    image_metrics,
-    load_setup,
-    near_duplicates,
-    read_split,
-    report_path,
-)
-from pipelines.evaluation.fid import FeatureExtractor, frechet_distance
+from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.evaluate import reduce, report_path
+from pipelines.evaluation.fid import frechet_distance
+from pipelines.evaluation.guard import guarded_search, near_duplicates
+from pipelines.evaluation.lineage import load_setup
+from pipelines.evaluation.metrics import compute
+from pipelines.evaluation.records import Part
+from pipelines.evaluation.split import read_split
 from pipelines.tokens.tokenize import TokenizeConfig
 from pipelines.training.sequences import LineageError
 from pipelines.training.train import TrainConfig
 from storage.fs import DataRoot
+from storage.manifest import list_manifests
 from storage.shards import read_table
 from tests.factories import NAMES, entity_image, make_download_shard
 from tests.pipelines.retrieval.retrieval_helpers import configs, write_checkpoint
@@ -42,8 +40,15 @@ TOK = TokenizeConfig(image_size=16, factor=4, codebook_size=16, batch_size=8)
 TRAIN = dict(max_steps=3, batch_size=2, warmup_steps=1, progress_bar=False, log_every=1,
              accelerator="cpu", threads=1)
 EVAL = EvaluateConfig(coco="coco/captions_val.json", max_images=0, image_samples=2,
-                      caption_samples=2, max_caption_tokens=4, show=2,
+                      caption_samples=2, max_caption_tokens=4, show=2, bootstrap=200,
                       dup_image_threshold=0.9999, dup_text_threshold=0.9999)
+
+
+def run_evaluation(root: DataRoot, cfg: EvaluateConfig) -> dict:
+    for stage in ("evaluate-part", "evaluate"):
+        report = run_stage(stage, root, configs(evaluate=cfg))
+        assert report.ok, (stage, report.failed)
+    return json.loads(open(root.artifact("evaluate", "main", "metrics.json")).read())
 
 
 @pytest.fixture(autouse=True)
@@ -90,25 +95,51 @@ def trained(tmp_path_factory) -> DataRoot:
 
 
 def test_stage_writes_metrics_for_three_models_and_a_self_contained_report(trained):
-    report = run_stage("evaluate", trained, configs(evaluate=EVAL))
-    assert report.ok, report.failed
-    metrics = json.loads(open(trained.artifact("evaluate", "main", "metrics.json")).read())
+    metrics = run_evaluation(trained, EVAL)
     models = metrics["models"]
     assert list(models) == ["ra-cm3", "vanilla", "retrieval-baseline"]
-    fid = "FID-CLIP(racm3-tiny)"
+    fid = "FID-EffNetLite0"  # the independent judge by default, never called plain FID
     assert metrics["fid_features"] == fid and "FID" not in models["ra-cm3"]
-    for m in models.values():
+    for name, m in models.items():
         assert m[fid] >= 0 and m["caption_to_image_n"] == 4 and "CIDEr-D" in m
-    assert {"image ppl", "text ppl", "image ppl (no retrieval)"} <= set(models["ra-cm3"])
+        assert "KID(EffNetLite0)" in m
+        lo, hi = metrics["intervals"][name][fid]
+        assert lo <= hi and np.isfinite([lo, hi]).all()
+    assert {"image ppl", "text ppl", "image ppl (no retrieval)", "text ppl (caption first)"} <= set(models["ra-cm3"])
     assert "image ppl" in models["vanilla"] and "image ppl (no retrieval)" not in models["vanilla"]
     assert not any("ppl" in k for k in models["retrieval-baseline"])
+    lo, hi = metrics["intervals"]["vanilla"]["image ppl"]
+    assert lo <= models["vanilla"]["image ppl"] <= hi
+    diff = metrics["differences"]["ra-cm3 - vanilla"]["image ppl"]
+    assert diff["value"] == pytest.approx(models["ra-cm3"]["image ppl"] - models["vanilla"]["image ppl"],
+                                          abs=2e-4) and diff["lo"] <= diff["hi"]
     # the planted copy of memory document 000000008 is excluded from retrieval and counted
     assert metrics["leakage_guard"]["image_near_duplicates"] >= 1
     page = open(report_path(trained)).read()
     assert page.count("data:image/png;base64,") >= 4 and "<svg" in page and "CIDEr-D" in page
+    assert "Paired differences" in page
     md = open(trained.artifact("evaluate", "main", "report.md")).read()
     assert "main.figures/t2i_0.png" in md
     assert trained.exists(trained.join("evaluate", "main.figures", "t2i_0.png"))
+
+
+def open_manifests(root: DataRoot) -> list:
+    return list_manifests(root, "evaluate-part")
+
+
+def test_sharded_streamed_evaluation_equals_one_shard(trained, tmp_path):
+    one = dataclasses.replace(EVAL, fid_features="clip", shard_images=0, batch_images=16)
+    many = dataclasses.replace(one, shard_images=1, batch_images=1)
+    other = DataRoot(str(tmp_path / "copy"))
+    shutil.copytree(trained.join(), other.join())
+    a = run_evaluation(trained, one)
+    b = run_evaluation(other, many)
+    ids = {m.shard_id for m in open_manifests(other)}
+    assert {"000000-000001", "000003-000004"} <= ids and b["settings"]["images"] == 4
+    for model, values in a["models"].items():
+        for k, v in values.items():
+            assert b["models"][model][k] == pytest.approx(v, rel=1e-4, abs=1e-4), (model, k)
+    assert a["split"] == b["split"] and a["leakage_guard"] == b["leakage_guard"]
 
 
 def test_leakage_guard_excludes_a_planted_duplicate(trained):
@@ -165,10 +196,13 @@ def test_bad_coco_entries_are_counted_and_skipped(root):
 
 
 def test_no_metric_is_computed_on_zero_samples(trained, tmp_path):
-    fx = FeatureExtractor("FID-test", lambda ims: np.zeros((len(ims), 4)))
-    one = Example(item=None, real=None, codes=[], caption_ids=[], by_caption=[], by_image=[])  # type: ignore[arg-type]
-    assert image_metrics([one], "ra-cm3", fx, np.zeros((3, 4))) == {"caption_to_image_n": 0}
-    assert caption_metrics([one], "ra-cm3") == {"image_to_caption_n": 0}
+    nothing = {"position": 0, "image_id": 1, "refs": ["a"], "captions": {}, "clip": {}, "nll": {}}
+    feats = {"real": np.zeros((1, 4))} | {m: np.full((1, 4), np.nan)
+                                          for m in ("ra-cm3", "vanilla", "retrieval-baseline")}
+    out = compute(Part([nothing], feats, {}, {}, [], "FID-test"), 10, 0)
+    assert out["models"]["ra-cm3"] == {"caption_to_image_n": 0, "image_to_caption_n": 0,
+                                       "perplexity_n": 0}
+    assert out["models"]["retrieval-baseline"] == {"caption_to_image_n": 0, "image_to_caption_n": 0}
     with pytest.raises(ValueError, match=">= 2 images"):
         frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
     other = DataRoot(str(tmp_path / "copy"))
@@ -176,8 +210,9 @@ def test_no_metric_is_computed_on_zero_samples(trained, tmp_path):
     with open(other.join("coco", "captions_val.json"), "w") as f:
         json.dump({"images": [{"id": 1, "file_name": "gone.jpg"}],
                    "annotations": [{"id": 1, "image_id": 1, "caption": "x"}]}, f)
+    assert run_stage("evaluate-part", other, configs(evaluate=EVAL)).ok
     with pytest.raises(ValueError, match="no usable image"):
-        evaluate(other, EVAL)
+        reduce(other, EVAL)
 
 
 def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():

@@ -1,0 +1,152 @@
+"""Per-image work of an evaluation shard: encode and retrieve a batch, sample and rerank with each
+model, the retrieval baseline, and each example's perplexity sums (what the reduce step needs)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.document import EOS, PAD, Vocab
+from model.images import to_tensor
+from model.transformer import Transformer
+from pipelines.evaluation.generate import (
+    Sampling,
+    generate_captions,
+    generate_images,
+    image_to_text_prompt,
+)
+from pipelines.evaluation.guard import guarded_search
+from pipelines.evaluation.lineage import GENERATORS, Setup, decode_codes
+from pipelines.evaluation.perplexity import HeldOutExample, example_nll, selected_logits
+from pipelines.evaluation.split import SplitItem, at_size
+
+RUNS = {"ra-cm3": ("ra-cm3", True), "ra-cm3 (no retrieval)": ("ra-cm3", False),
+        "vanilla": ("vanilla", False)}  # perplexity run -> (model, with retrieval)
+
+
+@dataclass
+class Example:
+    """One evaluation image: its prompts, what was retrieved for each, what each model made."""
+
+    item: SplitItem
+    real: Image.Image  # the image at the models' resolution (the FID reference)
+    codes: list[int]  # its VQGAN codes
+    caption_ids: list[int]  # its first caption, tokenized
+    by_caption: list[str]  # memory keys retrieved with the caption
+    by_image: list[str]  # memory keys retrieved with the image
+    images: dict[str, Image.Image] = field(default_factory=dict)  # model -> kept image
+    clip: dict[str, float] = field(default_factory=dict)  # model -> CLIP score of the kept image
+    captions: dict[str, str] = field(default_factory=dict)  # model -> kept caption
+    nll: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # run -> part -> (sum, n)
+
+    @property
+    def caption(self) -> str:
+        return self.item.captions[0]
+
+
+def prepare(setup: Setup, items: list[SplitItem], k: int, excluded: set[str]) -> list[Example]:
+    """Encode one batch (codes, caption ids) and retrieve with the caption and with the image."""
+    size = setup.tok_cfg.image_size
+    reals = [at_size(it.image, size) for it in items]  # (R, R, 3) uint8 each
+    codes = setup.tok.vqgan.encode(to_tensor(np.stack(reals))).flatten(1).tolist()
+    enc = setup.retriever.encoder
+    by_cap = guarded_search(setup.retriever, enc.encode_text([it.captions[0] for it in items]),
+                            excluded, k)
+    by_img = guarded_search(setup.retriever, enc.encode_image([it.image for it in items]),
+                            excluded, k)
+    limit = setup.tok_cfg.max_caption_tokens
+    return [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
+            for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+
+
+def context(setup: Setup, keys: list[str], variant: str, k: int) -> list[np.ndarray]:
+    return [setup.memory[key] for key in keys[:k] if key in setup.memory] if variant == "ra-cm3" else []
+
+
+def caption_to_image(setup: Setup, ex: Example, variant: str, cfg: Any,
+                     gen: torch.Generator) -> None:
+    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it."""
+    params = Sampling(cfg.image_temperature, 0, cfg.image_top_p)
+    codes = generate_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
+                            cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k),
+                            params, gen)  # (N, g*g)
+    images = decode_codes(setup, codes)
+    enc = setup.retriever.encoder
+    scores = enc.encode_image(images) @ enc.encode_text([ex.caption])[0]  # (N,)
+    best = int(np.argmax(scores))
+    ex.images[variant], ex.clip[variant] = images[best], float(scores[best])
+
+
+@torch.no_grad()
+def caption_scores(model: Transformer, vocab: Vocab, image_codes: Sequence[int],
+                   captions: Sequence[Sequence[int]], ctx: Sequence[np.ndarray] = ()) -> list[float]:
+    """Mean NLL per token of each caption (its <eos> included) in the infilling prompt, as
+    `generate.caption_nll`, but with logits only at the caption positions (not the prompt's)."""
+    ids, pos = image_to_text_prompt(vocab, image_codes, ctx)
+    tails = [[int(c) + vocab.text_offset for c in cap] + [EOS] for cap in captions]
+    width = max(map(len, tails))
+    rows = [ids + t + [PAD] * (width - len(t)) for t in tails]  # right padding: causal, harmless
+    prow = pos + list(range(pos[-1] + 1, pos[-1] + 1 + width))
+    device = next(model.parameters()).device
+    x = torch.tensor(rows, device=device)  # (M, T)
+    p = torch.tensor([prow] * len(rows), device=device)  # (M, T)
+    at = torch.arange(len(ids) - 1, len(ids) - 1 + width, device=device)  # predict the tails
+    logits = selected_logits(model, x[:, :-1], p[:, :-1], at)  # (M, width, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, len(ids):], reduction="none")
+    return [math.inf if len(t) == 1 else float(nll[r, :len(t)].mean()) for r, t in enumerate(tails)]
+
+
+def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
+                     gen: torch.Generator) -> None:
+    """Sample M captions for the image (infilling), keep the lowest-perplexity one."""
+    model, ctx_docs = setup.models[variant], context(setup, ex.by_image, variant, cfg.k)
+    params = Sampling(cfg.text_temperature, 0, cfg.text_top_p)
+    caps = generate_captions(model, setup.vocab, ex.codes, cfg.caption_samples,
+                             cfg.max_caption_tokens, ctx_docs, params, gen)
+    nll = caption_scores(model, setup.vocab, ex.codes, caps, ctx_docs)
+    best = int(np.argmin(nll))
+    ex.captions[variant] = setup.tok.text.decode(caps[best]) if math.isfinite(nll[best]) else ""
+
+
+def retrieval_baseline(setup: Setup, ex: Example) -> None:
+    """The paper's baseline: the top document retrieved with the prompt is the output."""
+    if ex.by_caption and ex.by_caption[0] in setup.memory:
+        _, img = setup.vocab.decode(setup.memory[ex.by_caption[0]].tolist())
+        if img:
+            ex.images["retrieval-baseline"] = decode_codes(setup, np.asarray([img]))[0]
+    if ex.by_image:
+        ex.captions["retrieval-baseline"] = setup.memory_captions.get(ex.by_image[0], "")
+
+
+def perplexities(setup: Setup, ex: Example, k: int) -> None:
+    """Per run: image NLL (caption first, retrieved by the caption), caption NLL in the infilling
+    form (image first, retrieved by the image) and, for comparison, caption first."""
+    if not ex.caption_ids:
+        return
+    held = HeldOutExample(setup.vocab.encode(ex.caption_ids, ex.codes),
+                          by_caption=[list(setup.memory[x]) for x in ex.by_caption if x in setup.memory],
+                          by_image=[list(setup.memory[x]) for x in ex.by_image if x in setup.memory])
+    for run, (variant, with_retrieval) in RUNS.items():
+        model = setup.models[variant]
+        infill = example_nll(model, setup.vocab, held, with_retrieval, k, "infill")
+        first = example_nll(model, setup.vocab, held, with_retrieval, k, "first")
+        ex.nll[run] = {"image": infill["image"], "text": infill["text"], "text_first": first["text"]}
+
+
+def run_example(setup: Setup, ex: Example, cfg: Any) -> None:
+    """Everything one image needs, seeded by its position in the split (sharding-independent)."""
+    device = next(setup.models["ra-cm3"].parameters()).device
+    for j, variant in enumerate(GENERATORS):
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + ex.item.position * 2 + j)
+        caption_to_image(setup, ex, variant, cfg, gen)
+        image_to_caption(setup, ex, variant, cfg, gen)
+    retrieval_baseline(setup, ex)
+    with torch.no_grad():
+        perplexities(setup, ex, cfg.k)

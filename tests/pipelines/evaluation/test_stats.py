@@ -1,0 +1,50 @@
+"""stats.bootstrap on cases with a known answer; the fast Fréchet form and KID."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.evaluation.fid import frechet_distance, kernel_inception_distance
+from pipelines.evaluation.stats import bootstrap, paired_difference, resamples
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_theory_answer():
+    x = np.random.default_rng(1).normal(3.0, 2.0, size=400)
+    iv = bootstrap(lambda idx: float(x[idx].mean()), resamples(len(x), 2000, 0))
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))  # ~0.196
+    assert iv.value == pytest.approx(x.mean())
+    assert iv.lo == pytest.approx(x.mean() - half, abs=0.03)
+    assert iv.hi == pytest.approx(x.mean() + half, abs=0.03)
+
+
+def test_constant_data_has_a_zero_width_interval_and_paired_shift_is_exact():
+    c = np.full(30, 5.0)
+    draws = resamples(30, 200, 0)
+    iv = bootstrap(lambda idx: float(c[idx].mean()), draws)
+    assert (iv.value, iv.lo, iv.hi) == (5.0, 5.0, 5.0)
+    x = np.random.default_rng(2).normal(size=30)
+    d = paired_difference(lambda i: float((x[i] + 1).mean()), lambda i: float(x[i].mean()), draws)
+    assert d.lo == pytest.approx(1.0) and d.hi == pytest.approx(1.0) and d.excludes_zero
+
+
+def test_fast_frechet_equals_the_covariance_form():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(12, 40)), rng.normal(0.5, 1.3, size=(9, 40))  # fewer images than dims
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    ra = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cov = np.sqrt(np.clip(np.linalg.eigvalsh(ra @ sb @ ra), 0, None)).sum()
+    mu = a.mean(0) - b.mean(0)
+    want = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * cov
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-6)  # eig sqrt of ~0 modes: ~1e-8
+    big = rng.normal(size=(200, 4))
+    assert frechet_distance(big, big + 1.0) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_kid_is_unbiased_near_zero_for_the_same_distribution():
+    rng = np.random.default_rng(3)
+    same = [kernel_inception_distance(rng.normal(size=(20, 8)), rng.normal(size=(20, 8)))
+            for _ in range(60)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))  # mean ~0: no small-n bias
+    assert kernel_inception_distance(rng.normal(size=(20, 8)), rng.normal(1.0, size=(20, 8))) > 0.05
