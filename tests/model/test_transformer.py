@@ -77,3 +77,40 @@ def test_sample_greedy_matches_argmax_and_respects_allowed_and_stop():
     assert ((out >= 10) & (out < 20)).all()
     out = sample(m, prompt, pos, max_new=30, allowed=[3], stop=3)
     assert out.shape == (2, 1)
+
+
+def test_block_mask_separates_packed_examples():
+    """Two examples packed in one row: with segments, example 2's logits do not depend on
+    example 1's tokens and equal example 2 read alone (positions restart per example);
+    without segments (the old behaviour) they do depend on them."""
+    m = tiny()
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    seg = torch.tensor([[0] * 7 + [1] * 5])
+    changed = ids.clone()
+    changed[0, :7] = (changed[0, :7] + 3) % 50  # every token of example 1
+    masked, _ = m(ids, pos, segments=seg)
+    masked2, _ = m(changed, pos, segments=seg)
+    alone, _ = m(b, torch.arange(5)[None])
+    assert torch.allclose(masked[:, 7:], masked2[:, 7:], atol=1e-5)
+    assert torch.allclose(masked[:, 7:], alone, atol=1e-4)
+    assert not torch.allclose(masked[:, :7], masked2[:, :7])  # example 1 itself did change
+    plain, _ = m(ids, pos)
+    plain2, _ = m(changed, pos)
+    assert not torch.allclose(plain[:, 7:], plain2[:, 7:], atol=1e-3)
+    assert torch.allclose(plain[:, :7], masked[:, :7], atol=1e-5)  # the first example: same
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    m = tiny().train()
+    ids, pos = torch.randint(0, 50, (2, 9)), torch.arange(9).expand(2, 9)
+    seg = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    grads = []
+    for flag in (False, True):
+        m.zero_grad()
+        m.activation_checkpointing = flag
+        logits, _ = m(ids, pos, segments=seg)
+        logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads, strict=True))
