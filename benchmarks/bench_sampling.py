@@ -1,11 +1,13 @@
-"""Benchmark sampling: generated tokens/s with the KV cache (model.sampling.sample) vs without
-(the whole prefix recomputed for every new token), on the demo decoder and a caption->image prompt.
+"""Benchmark sampling on the demo decoder: (1) generated tokens/s with the KV cache
+(model.sampling.sample) vs without (the whole prefix recomputed for every new token); (2) images/s
+and captions/s with the KV cache, and images/s with classifier-free guidance (caption guidance:
+2 branches; caption + document guidance: 3 branches, all in one batch) vs without.
 
     python benchmarks/bench_sampling.py [--model demo] [--batch 4] [--new 64] [--context 2] [--repeat 3]
 
 The prompt is K retrieved documents (each a caption + grid*grid codes) then `<img alt="caption"
-src="`, as caption->image generation sends it; both methods sample the same number of image tokens
-greedily (same ids, checked) and are timed interleaved, best of --repeat.
+src="`, as caption->image generation sends it; in (1) both methods sample the same number of image
+tokens greedily (same ids, checked). Everything is timed interleaved, best of --repeat.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.document import Vocab  # noqa: E402
 from model.sampling import sample  # noqa: E402
 from model.transformer import Transformer, preset  # noqa: E402
-from pipelines.evaluation.generate import text_to_image_prompt  # noqa: E402
+from pipelines.evaluation.generate import (  # noqa: E402
+    Sampling,
+    generate_captions,
+    generate_images,
+    text_to_image_prompt,
+)
+from pipelines.generation.guidance import Guidance, guided_images  # noqa: E402
 
 
 @torch.no_grad()
@@ -75,6 +83,42 @@ def main() -> None:
     for name, t in best.items():
         print(f"  {name:9s} {n / t:9.0f} tokens/s  ({t * 1000:.0f} ms)")
     print(f"  speed-up of the KV cache: {best['no cache'] / best['kv cache']:.2f}x")
+    per_second(model, vocab, caption, docs, args)
+
+
+def best_of(runs: dict, repeat: int) -> dict[str, float]:
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def per_second(model: Transformer, vocab: Vocab, caption: list[int], docs: list, args) -> None:
+    """Images/s and captions/s as `racm3 generate` samples them (KV cache, top-p 0.9)."""
+    grid = int(args.new ** 0.5)
+    params = Sampling(1.0, 0, 0.9)
+    gen = torch.Generator().manual_seed(0)
+    image = [i % vocab.n_image for i in range(grid * grid)]
+
+    def images(g: Guidance):
+        return lambda: guided_images(model, vocab, caption, grid, args.batch, docs, g, params, gen)
+    runs = {"images, no guidance": images(Guidance()),
+            "images, caption guidance": images(Guidance(caption=3.0)),
+            "images, caption + document guidance": images(Guidance(caption=3.0, documents=1.0)),
+            "captions (24 tokens)": lambda: generate_captions(
+                model, vocab, image, args.batch, 24, docs, params, gen)}
+    assert len(generate_images(model, vocab, caption, grid, 2, docs, params, gen)) == 2
+    best = best_of(runs, args.repeat)
+    print(f"per output, batch {args.batch}, {grid}x{grid} image tokens, {len(docs)} documents in context:")
+    for name, t in best.items():
+        unit = "captions" if name.startswith("captions") else "images"
+        print(f"  {name:36s} {args.batch / t:8.2f} {unit}/s")
+    plain = best["images, no guidance"]
+    print(f"  cost of caption guidance (2 branches, one batch): {best['images, caption guidance'] / plain:.2f}x; "
+          f"caption + documents (3 branches): {best['images, caption + document guidance'] / plain:.2f}x")
 
 
 if __name__ == "__main__":

@@ -108,10 +108,11 @@ def masked_forward(model: Transformer, ids: torch.Tensor, positions: torch.Tenso
     """`model(ids, positions, cache)` where keys with valid (B, S) False are never attended to
     (S = cached + new tokens): the decoder's own blocks, with a padding-aware attention mask.
     Each token may always see itself, so an all-padding row stays finite (its output is unused)."""
+    mask = attention_mask(valid, ids.shape[1])  # (B, 1, T, S), built once for every layer
     x = model.embed(ids)  # (B, T, C)
     new_cache: KVCache = []
     for i, block in enumerate(model.blocks):
-        a, kv = masked_attention(block.attn, block.ln1(x), positions, valid,
+        a, kv = masked_attention(block.attn, block.ln1(x), positions, mask,
                                  None if cache is None else cache[i])
         x = x + a
         x = x + block.mlp(block.ln2(x))
@@ -119,21 +120,27 @@ def masked_forward(model: Transformer, ids: torch.Tensor, positions: torch.Tenso
     return model.head(model.ln_f(x)), new_cache
 
 
+def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: causal over the last T of S keys, padding keys hidden, self visible."""
+    B, S = valid.shape
+    if T == 1:  # one new token per row: it sees every valid key and itself (the last one)
+        return valid[:, None, None, :]
+    causal = torch.ones(T, S, dtype=torch.bool, device=valid.device).tril(diagonal=S - T)
+    itself = torch.zeros(T, S, dtype=torch.bool, device=valid.device)
+    itself[torch.arange(T), torch.arange(S - T, S)] = True
+    return ((causal[None] & valid[:, None, :]) | itself[None])[:, None]
+
+
 def masked_attention(attn: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
-                     valid: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+                     mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """`model.transformer.Attention.forward` with key padding (attention dropout is off: eval)."""
+    """`model.transformer.Attention.forward` with an explicit mask (attention dropout off: eval)."""
     B, T, C = x.shape
     q, k, v = attn.qkv(x).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
     q, k = rotary(q, positions, attn.base), rotary(k, positions, attn.base)  # (B, H, T, Dh)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    S = k.shape[2]
-    causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-    itself = torch.zeros(T, S, dtype=torch.bool, device=x.device)
-    itself[torch.arange(T), torch.arange(S - T, S)] = True
-    mask = (causal[None] & valid[:, None, :]) | itself[None]  # (B, T, S)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return attn.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
