@@ -4,8 +4,10 @@ Several hundred named entities, each with its own look (a shape filled with a fl
 its own palette), most of them rare (Zipf-like, a few documents each). The flag is centred and
 sized to the image's shorter side, so after img2dataset's centre crop it lands on the same token
 grid in every rendering: a retrieved rendering's tokens predict a new one's (DEMO-CALIBRATION.md).
-Rows that each filter must drop and URLs that fail are mixed in. A held-out split in COCO captions
-format shows the same entities in new renderings.
+Rows that each filter must drop and URLs that fail are mixed in. Two held-out splits in COCO
+captions format show the same entities in new renderings: `dev` (captions_dev.json) for every
+choice of preset values, and `test` (captions_test.json), reported and never used to choose
+anything; they are drawn from separate random streams and share no document.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class DemoDataConfig(StageConfig):
     entities: int = 600  # named entities (the knowledge retrieval must supply)
     zipf_a: float = 2.0  # entity frequency: documents per entity = 1 + Zipf(a), capped
     max_docs_per_entity: int = 40  # cap on an entity's training documents
-    eval_images: int = 200  # held-out images in the COCO-format split (5 captions each)
+    eval_images: int = 200  # held-out images in the reported `test` split (5 captions each)
+    dev_images: int = 0  # held-out images in the `dev` split, for choosing preset values (0 = eval_images)
     dirty_fraction: float = 0.04  # share of rows of each filter-drop kind (watermark, unsafe, small)
     failing_fraction: float = 0.015  # share of URLs of each failing kind (404, HTML, truncated JPEG)
     min_side: int = 256  # shorter side of clean images (>= the download's min size)
@@ -66,6 +69,7 @@ class DemoDataConfig(StageConfig):
     def __post_init__(self) -> None:
         self.check(self.entities >= 2, "entities", "need at least 2 entities")
         self.check(self.eval_images >= 1, "eval_images", "need at least 1 held-out image")
+        self.check(self.dev_images >= 0, "dev_images", "must be >= 0 (0 = eval_images)")
         self.check(0 <= self.dirty_fraction < 0.3, "dirty_fraction", "must be in [0, 0.3)")
         self.check(0 <= self.failing_fraction < 0.3, "failing_fraction", "must be in [0, 0.3)")
         self.check(self.min_side <= self.max_side, "min_side", "must be <= max_side")
@@ -247,37 +251,44 @@ def generate_metadata(cfg: DemoDataConfig, www: str) -> tuple[pa.Table, list[Ent
     return table, entities
 
 
+SPLITS = {"dev": 4, "test": 3}  # split -> its random stream ([seed, stream]); test keeps stream 3
+
+
 def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
-                  counts: dict[int, int]) -> dict:
-    """Held-out split: new renderings of training entities, 5 captions each, COCO captions JSON."""
-    rng = np.random.default_rng([cfg.seed, 3])
+                  counts: dict[int, int], split: str = "test") -> dict:
+    """One held-out split: new renderings of training entities, 5 captions each, COCO captions
+    JSON; images `images/<split>_<id>.jpg`, ids offset per split so no two splits share an id."""
+    rng = np.random.default_rng([cfg.seed, SPLITS[split]])
+    n = cfg.eval_images if split == "test" else (cfg.dev_images or cfg.eval_images)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     seen = sorted(counts)
-    chosen = rng.choice(seen, size=min(cfg.eval_images, len(seen)), replace=False)
+    chosen = rng.choice(seen, size=min(n, len(seen)), replace=False)
     images: list[dict] = []
     annotations: list[dict] = []
     entity_of: dict[int, str] = {}
-    for image_id, ent_id in enumerate(sorted(int(c) for c in chosen), start=1):
+    base = 1 + 1_000_000 * list(SPLITS).index(split)
+    for image_id, ent_id in enumerate(sorted(int(c) for c in chosen), start=base):
         side = cfg.min_side
         img, bg = render(entities[ent_id], rng, side, side)
-        file_name = f"val_{image_id:06d}.jpg"
+        file_name = f"{split}_{image_id:07d}.jpg"
         img.save(os.path.join(out_dir, "images", file_name), format="JPEG", quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": side, "height": side})
         entity_of[image_id] = entities[ent_id].name
         templates = rng.choice(len(TEMPLATES), 5, replace=False)
         for t in templates:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+            annotations.append({"id": base + len(annotations), "image_id": image_id,
                                 "caption": TEMPLATES[int(t)].format(name=entities[ent_id].name, bg=bg)})
-    return {"info": {"description": "racm3 demo held-out split", "version": "1"},
+    return {"info": {"description": f"racm3 demo held-out split `{split}`", "version": "2",
+                     "split": split},
             "licenses": [], "images": images, "annotations": annotations,
-            "racm3_entities": entity_of}
+            "racm3_entities": {str(k): v for k, v in entity_of.items()}}
 
 
 class DemoDataStage(Stage):
     """Stage `demo`: writes demo/laion.parquet (metadata), laion.www (served), laion.coco (eval)."""
 
     name = "demo"
-    version = "1"
+    version = "2"
     config = DemoDataConfig
     description = "generate the embedded LAION-like demo data set"
 
@@ -293,9 +304,12 @@ class DemoDataStage(Stage):
         for e in clean["entity"].to_pylist():
             counts[e] = counts.get(e, 0) + 1
         coco_dir = ctx.output_path("coco")
-        coco = generate_coco(cfg, entities, coco_dir, counts)
-        with open(os.path.join(coco_dir, "captions_val.json"), "w") as f:
-            json.dump(coco, f)
+        sizes = {}
+        for split in SPLITS:
+            coco = generate_coco(cfg, entities, coco_dir, counts, split)
+            with open(os.path.join(coco_dir, f"captions_{split}.json"), "w") as f:
+                json.dump(coco, f)
+            sizes[split] = len(coco["images"])
         ents = pa.table({"entity": list(range(len(entities))), "name": [e.name for e in entities],
                          "shape": [e.shape for e in entities],
                          "train_docs": [counts.get(i, 0) for i in range(len(entities))]})
@@ -307,7 +321,7 @@ class DemoDataStage(Stage):
         kinds = dict(zip(*np.unique(table["kind"].to_numpy(zero_copy_only=False), return_counts=True), strict=True))
         return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={
             "rows_by_kind": {str(k): int(v) for k, v in kinds.items()},
-            "entities": len(entities), "eval_images": len(coco["images"]),
+            "entities": len(entities), "eval_images": sizes["test"], "dev_images": sizes["dev"],
             "rare_entities_le4_docs": sum(1 for c in counts.values() if c <= 4)})
 
 

@@ -43,7 +43,7 @@ class FitClipConfig(StageConfig):
     warmup_steps: int = 30  # linear warm-up, then cosine over max_steps
     seed: int = 0  # init, batching and hold-out draw
     holdout_fraction: float = 0.1  # docs held out for recall when there is no COCO split
-    coco: str = "demo/laion.coco/captions_val.json"  # held-out split for recall (optional)
+    coco: str = "demo/laion.coco/captions_dev.json"  # held-out split for recall (optional): dev, it guides choices
     threads: int = 1  # torch CPU threads (1 is fastest on a shared laptop: no OpenMP spinning)
 
     def __post_init__(self) -> None:
