@@ -27,6 +27,14 @@ class DropChatter(logging.Filter):
         return "open_clip" not in record.pathname and not record.name.startswith(LIGHTNING)
 
 
+class DropTaskCompleted(logging.Filter):
+    """Prefect logs "Finished in state Completed()" for every shard task, without naming it;
+    the progress lines and the task states in the UI say the same. Failures still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.WARNING and "Completed()" in str(record.msg))
+
+
 def setup_logging(verbose: bool = False) -> None:
     """One handler (the root's) prints every line; library loggers propagate to it."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -38,6 +46,7 @@ def setup_logging(verbose: bool = False) -> None:
         h.addFilter(chatter)
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("prefect.task_runs").addFilter(DropTaskCompleted())
     single_lightning_path()
 
 
