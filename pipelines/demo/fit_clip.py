@@ -1,7 +1,9 @@
 """Stage `fit-clip`: fit a tiny open_clip model contrastively on the download shards (demo bootstrap).
 
 No pretrained CLIP exists offline, so the demo fits `racm3-demo` with open_clip's ClipLoss for a
-bounded wall time. Real runs skip this stage and point `embed.checkpoint` at real weights.
+fixed number of steps from the seed: the same seed gives a byte-identical model whatever the
+machine's load (`seconds` is only a safety stop, and reaching it FAILS the stage). Real runs skip
+this stage and point `embed.checkpoint` at real weights.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FitClipConfig(StageConfig):
-    """Contrastive fit of a small open_clip model; bounded by wall time and steps."""
+    """Contrastive fit of a small open_clip model: exactly max_steps steps from the seed."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"threads"})
     model: str = "racm3-tiny"  # open_clip model config (model/clip_configs/*.json or built-in)
-    seconds: float = 90.0  # wall-time budget for training
-    max_steps: int = 3000  # stop earlier when reached
+    seconds: float = 1800.0  # safety stop: a fit still running after this FAILS (never a normal end)
+    max_steps: int = 3000  # steps run, always all of them (deterministic from the seed)
     batch_size: int = 128  # contrastive batch (more negatives per step)
     lr: float = 1e-3  # AdamW peak learning rate (2e-3 generalised worse on the demo)
     token_lr: float = 0.1  # SparseAdam peak lr of the token embedding table (0 = keep it frozen)
@@ -125,7 +127,8 @@ def optimizers(model: Any, cfg: FitClipConfig) -> list[torch.optim.Optimizer]:
 
 
 def train(model: Any, data: Corpus, cfg: FitClipConfig) -> dict[str, Any]:
-    """Contrastive steps until the time or step budget runs out; returns training stats."""
+    """Exactly cfg.max_steps contrastive steps; raises TimeoutError past cfg.seconds (a safety
+    stop: a model cut short by the machine's load would differ from run to run)."""
     g = torch.Generator().manual_seed(cfg.seed)
     opts = optimizers(model, cfg)
     peaks = [o.param_groups[0]["lr"] for o in opts]
@@ -133,7 +136,10 @@ def train(model: Any, data: Corpus, cfg: FitClipConfig) -> dict[str, Any]:
     bs = min(cfg.batch_size, n)
     model.train()
     t0, step, losses = time.time(), 0, []
-    while step < cfg.max_steps and time.time() - t0 < cfg.seconds:
+    while step < cfg.max_steps:
+        if time.time() - t0 > cfg.seconds:
+            raise TimeoutError(f"fit-clip: {step}/{cfg.max_steps} steps after {cfg.seconds:.0f} s "
+                               f"(fit_clip.seconds, a safety stop): raise it or lower max_steps")
         idx = torch.randperm(n, generator=g)[:bs]
         for opt, peak in zip(opts, peaks, strict=True):
             opt.param_groups[0]["lr"] = peak * lr_scale(step, cfg)
@@ -172,7 +178,7 @@ class FitClipStage(Stage):
     """One shard `model`: `fit-clip/model.pt` (an open_clip state dict) + recall in the manifest."""
 
     name = "fit-clip"
-    version = "1"
+    version = "2"
     config = FitClipConfig
     description = "fit a tiny CLIP on the downloaded demo docs (demo bootstrap)"
 

@@ -1,7 +1,8 @@
 """fit-vqgan: fit the demo's tokenizers on the downloaded images and captions (no pretrained VQGAN offline).
 
 Two artifact shards with their own fingerprints: `vqgan` (a tiny VQGAN fitted with Lightning for a
-bounded wall time; its manifest records held-out PSNR and codebook usage) and `bpe` (a small BPE on
+fixed number of steps from the seed, byte-identical across runs whatever the load; `max_seconds` is
+a safety stop that FAILS the stage; its manifest records held-out PSNR and codebook usage) and `bpe` (a small BPE on
 the captions). Real runs skip this stage and point `tokenize.checkpoint` at a taming checkpoint.
 """
 
@@ -49,8 +50,8 @@ class FitVQGANConfig(StageConfig):
     kmeans_iters: int = 20  # k-means iterations over training patches that fix each token's target code
     kmeans_patches: int = 50000  # patches sampled for k-means (all are assigned afterwards)
     code_weight: float = 1.0  # weight of the code cross-entropy against the reconstruction loss
-    max_seconds: float = 100.0  # wall-time budget of the fit
-    max_steps: int = 1200  # step cap, whichever of time and steps comes first (~75 s on an idle core)
+    max_seconds: float = 1800.0  # safety stop: a fit still running after this FAILS (never a normal end)
+    max_steps: int = 1200  # steps run, always all of them (~75 s on an idle core)
     batch_size: int = 32  # images per step
     lr: float = 6e-3  # Adam learning rate (after warm-up); 6e-3 beat 3e-3 and 1e-2 at 500 steps
     warmup_steps: int = 50  # linear learning-rate warm-up
@@ -228,19 +229,32 @@ class VQGANModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
 
+class SafetyStop(L.Callback):
+    """Fails the fit past `seconds` (a stopped-early model would depend on the machine's load)."""
+
+    def __init__(self, seconds: float, steps: int):
+        self.seconds, self.steps, self.t0 = seconds, steps, time.time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if time.time() - self.t0 > self.seconds and trainer.global_step < self.steps:
+            raise TimeoutError(f"fit-vqgan: {trainer.global_step}/{self.steps} steps after "
+                               f"{self.seconds:.0f} s (fit_vqgan.max_seconds, a safety stop): "
+                               f"raise it or lower max_steps")
+
+
 def fit(model: VQGAN, images: np.ndarray, cfg: FitVQGANConfig,
         centres: torch.Tensor) -> tuple[VQGAN, int]:
-    """Train for at most cfg.max_seconds / cfg.max_steps towards the patch centres' codes."""
-    from datetime import timedelta
-
+    """Train exactly cfg.max_steps steps towards the patch centres' codes (batches drawn from a
+    generator seeded by cfg.seed); TimeoutError past cfg.max_seconds."""
     targets = assign(images, centres, cfg.factor)  # (N, g, g)
     data = torch.utils.data.TensorDataset(torch.from_numpy(images), targets)  # uint8: converted per batch
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(images)),
-                                         shuffle=True, drop_last=True)
+                                         shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.max_steps, max_epochs=-1,
-                        max_time=timedelta(seconds=cfg.max_seconds), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[SafetyStop(cfg.max_seconds, cfg.max_steps)])
     module = VQGANModule(model, cfg)
     trainer.fit(module, loader)
     return module.model.eval(), trainer.global_step
@@ -248,7 +262,7 @@ def fit(model: VQGAN, images: np.ndarray, cfg: FitVQGANConfig,
 
 class FitVQGANStage(Stage):
     name = "fit-vqgan"
-    version = "2"
+    version = "3"
     config = FitVQGANConfig
     engine = "local"
     description = "fit the demo's tiny VQGAN and caption BPE on the downloaded images"

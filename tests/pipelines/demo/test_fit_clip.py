@@ -75,3 +75,27 @@ def test_table4_on_a_coco_split(tmp_path):
     assert res["n_images"] == 4 and res["n_text_queries"] == 8
     assert res["chance"]["R@1"] == 25.0
     assert all(res[t]["R@5"] == 100.0 for t in ("text_to_image", "image_to_mixture"))  # 4 < 5
+
+
+def test_same_seed_gives_a_byte_identical_model_and_the_time_limit_fails(tmp_path):
+    import hashlib
+
+    import pytest
+
+    digests = []
+    for run in ("a", "b"):
+        root = DataRoot(str(tmp_path / run))
+        make_download_shard(root, "00000", n=16, size=64)
+        cfg = FitClipConfig(seconds=300, max_steps=4, batch_size=8, holdout_fraction=0.25)
+        assert run_stage("fit-clip", root, configs(fit_clip=cfg)).ok
+        digests.append(hashlib.sha256(open(checkpoint_path(root), "rb").read()).hexdigest())
+        assert read_manifest(root, "fit-clip", "model").metrics["steps"] == 4  # all steps, always
+    assert digests[0] == digests[1]
+    from pipelines.demo.fit_clip import train
+
+    model, _, tf, tok = create_clip("racm3-tiny")
+    from pipelines.demo.fit_clip import Corpus
+
+    data = Corpus(torch.zeros(4, 3, 32, 32), tok(["a", "b", "c", "d"]), list("abcd"), [b""] * 4)
+    with pytest.raises(TimeoutError, match="safety stop"):
+        train(model, data, FitClipConfig(seconds=1e-9, max_steps=50, batch_size=2))

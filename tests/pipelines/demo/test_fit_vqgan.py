@@ -126,3 +126,20 @@ def test_fit_learns_colour_codes_and_decodes_them():
     codes = model.encode(to_tensor(held)).numpy()
     assert len(set(zip(cells.flatten().tolist(), codes.flatten().tolist(), strict=True))) == 4
     assert m["heldout_psnr_db"] > 20, m
+
+
+def test_same_seed_gives_a_byte_identical_vqgan_and_the_time_limit_fails(tmp_path):
+    import hashlib
+
+    digests = []
+    for run in ("a", "b"):
+        root = DataRoot(str(tmp_path / run))
+        make_download_shard(root, "00000", n=24, size=64)
+        assert run_stage("fit-vqgan", root, cfgs(TINY)).ok
+        digests.append(hashlib.sha256(open(root.artifact("fit-vqgan", "vqgan", "ckpt"), "rb").read()).hexdigest())
+        assert read_manifest(root, "fit-vqgan", "vqgan").metrics["steps"] == TINY.max_steps
+    assert digests[0] == digests[1]
+    images = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3), dtype=np.uint8)
+    cfg = dataclasses.replace(TINY, max_seconds=1e-9, max_steps=50)
+    with pytest.raises(TimeoutError, match="safety stop"):
+        fit(VQGAN(cfg.vqgan()), images, cfg, patch_centres(images, cfg))
