@@ -33,6 +33,7 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check storage pipelines model flows tests benchmarks
+	$(BIN)/python -m tests.pipelines.core.test_imports  # no import cycles, no stage -> stage
 	$(BIN)/mypy
 
 bench: install
