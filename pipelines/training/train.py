@@ -80,6 +80,9 @@ class TrainConfig(StageConfig):
     name: str = ""  # output shard id: train/<name>.pt ("" = the variant); one per ablation run
     block_mask: bool = True  # packed examples cannot attend to each other (false: the old way)
     model: str = "demo"  # model preset in model.transformer.PRESETS ("demo" | "paper")
+    n_layer: int = 0  # decoder blocks (0 = the preset's); model-size ablations, smoke runs
+    d_model: int = 0  # residual width (0 = the preset's)
+    n_head: int = 0  # attention heads (0 = the preset's)
     dropout: float = 0.0  # residual/attention dropout of the decoder
     seq_len: int = 0  # tokens per packed sequence; 0 = (k_max + 1) longest documents, masked
     batch_size: int = 16  # sequences per optimizer step (per device)
@@ -127,6 +130,19 @@ class TrainConfig(StageConfig):
                         and self.strategy == "fsdp"), "precision", "bf16 FSDP needs a GPU")
         self.check(self.ce_chunk >= 0, "ce_chunk", "must be >= 0 (0 = plain cross-entropy)")
         self.check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        self.check(min(self.n_layer, self.d_model, self.n_head) >= 0, "d_model",
+                   "model sizes must be >= 0 (0 = the preset's)")
+        heads = self.n_head or preset(self.model, 1).n_head
+        width = self.d_model or preset(self.model, 1).d_model
+        self.check(width % heads == 0 and (width // heads) % 2 == 0, "d_model",
+                   f"d_model {width} must split into {heads} heads of even size")
+
+    def model_config(self, vocab_size: int, seq_len: int) -> TransformerConfig:
+        """The decoder: the preset, with any size overridden, long enough for seq_len."""
+        sizes = {k: v for k, v in (("n_layer", self.n_layer), ("d_model", self.d_model),
+                                   ("n_head", self.n_head)) if v}
+        return preset(self.model, vocab_size, dropout=self.dropout,
+                      max_seq_len=max(seq_len, preset(self.model, 1).max_seq_len), **sizes)
         self.check(self.model in ("demo", "paper"), "model", "must be a model preset: demo, paper")
         self.check(self.seq_len >= 0, "seq_len", "must be >= 0 (0 = automatic)")
         self.check(self.batch_size > 0 and self.max_steps > 0, "max_steps", "steps/batch must be > 0")
@@ -342,8 +358,7 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
                         cache_dir=os.path.join(cfg.work_dir, "pack") if cfg.work_dir else None)
     check_pins(corpus.lineage, pins)
     seq_len = cfg.resolve_seq_len(corpus)
-    mcfg = preset(cfg.model, corpus.vocab.size, dropout=cfg.dropout,
-                  max_seq_len=max(seq_len, preset(cfg.model, 1).max_seq_len))
+    mcfg = cfg.model_config(corpus.vocab.size, seq_len)
     sync = WorkDir(root, workdir, cfg.work_dir)
     write_run_record(root, workdir, cfg, corpus, seq_len)
     ckpt_path = sync.fetch_last()
@@ -454,6 +469,8 @@ def run_metrics(res: TrainResult, root: DataRoot, workdir: str,
             "neighbours_digest": digest("retrieve") if neighbours else None, "steps": res.steps,
             "resumed_from_step": res.resumed_from, "seq_len": res.seq_len,
             "train_seconds": round(res.seconds, 1), "sequences": int(res.counts["sequences"]),
+            "main_docs": int(res.counts["main_docs"]),
+            "retrieved_docs": int(res.counts["retrieved_docs"]),
             "pad_fraction": round(res.counts["pad_tokens"] / max(1, assembled), 4),
             "tokens_per_s": round(res.tokens_per_s),
             "checkpoints": root.rel(workdir),
