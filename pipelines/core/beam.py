@@ -40,10 +40,13 @@ class ShardDoFn(beam.DoFn):
 
 
 def pipeline_options(bcfg: BeamConfig) -> PipelineOptions:
-    args = [f"--runner={bcfg.runner}", *bcfg.options]
+    args = [f"--runner={bcfg.runner}"]
     if bcfg.runner == "DirectRunner":
         args.append(f"--direct_num_workers={bcfg.direct_num_workers}")
-    return PipelineOptions(args)
+        # one worker gains nothing from a subprocess and would pay its start-up
+        mode = bcfg.direct_running_mode if bcfg.direct_num_workers > 1 else "in_memory"
+        args.append(f"--direct_running_mode={mode}")
+    return PipelineOptions([*args, *bcfg.options])  # the user's options come last and win
 
 
 def run_on_beam(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],

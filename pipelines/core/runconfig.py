@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from pipelines.core.config import StageConfig
 
@@ -33,4 +34,11 @@ class BeamConfig(StageConfig):
     SECTION = "beam"
     runner: str = "DirectRunner"  # or DataflowRunner, FlinkRunner, SparkRunner, the Dask runner
     options: tuple[str, ...] = ()  # extra pipeline options, e.g. ["--dask_client_address=..."]
-    direct_num_workers: int = 1  # DirectRunner parallelism (each worker loads the model once)
+    # DirectRunner parallelism (each worker loads the model once): one worker process per core
+    direct_num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    direct_running_mode: str = "multi_processing"  # or multi_threading / in_memory (with 1 worker: in_memory)
+
+    def __post_init__(self) -> None:
+        self.check(self.direct_num_workers >= 1, "direct_num_workers", "must be >= 1")
+        self.check(self.direct_running_mode in ("in_memory", "multi_threading", "multi_processing"),
+                   "direct_running_mode", "must be in_memory, multi_threading or multi_processing")
