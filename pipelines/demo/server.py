@@ -17,16 +17,22 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
 
+class _Server(ThreadingHTTPServer):
+    # The stdlib's backlog of 5 drops SYNs when many download threads connect at once; the
+    # client's SYN retries (1 s, 3 s, 7 s) then eat the per-URL deadline.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def serve_directory(directory: str, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `directory` at http://host:port until the block exits; yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=directory)
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = _Server((host, port), handler)
     except OSError as e:
         raise OSError(f"cannot serve the demo images on {host}:{port} ({e}); free the port or set "
                       "demo.port to another one") from e
-    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="racm3-demo-http", daemon=True)
     thread.start()
     url = f"http://{host}:{server.server_address[1]}"

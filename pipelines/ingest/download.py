@@ -40,7 +40,7 @@ class DownloadConfig(StageConfig):
     min_image_size: int = 256  # reject images whose original shorter side is below this
     encode_quality: int = 95  # JPEG quality of the stored image
     retries: int = 1  # extra tries of a URL after a network error or a 5xx (not after a refusal)
-    url_timeout_s: float = 10.0  # wall-clock limit of one URL: connect, redirects and every read
+    url_timeout_s: float = 20.0  # wall-clock limit of one URL: connect, redirects and every read
     shard_deadline_s: float = 3600.0  # URLs not finished by then become rows with status "deadline"
     threads: int = 16  # download threads per worker
     processes: int = 1  # shards downloaded at once by the local runner / Prefect concurrency hint

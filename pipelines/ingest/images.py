@@ -29,7 +29,9 @@ def header_size(data: bytes) -> tuple[int, int]:
             return im.size
     except Image.DecompressionBombError as e:  # over 2x PIL's own cap: too big whatever ours is
         raise Refused("too_many_pixels", f"too_many_pixels: {e}") from e
-    except Exception as e:  # noqa: BLE001 - anything PIL cannot identify is not an image to us
+    except Image.UnidentifiedImageError as e:  # its message names a BytesIO address: not stable
+        raise Refused("failed_to_resize", "not an image: format not recognised") from e
+    except Exception as e:  # noqa: BLE001 - anything PIL cannot parse is not an image to us
         raise Refused("failed_to_resize", f"not an image: {type(e).__name__}: {e}") from e
 
 

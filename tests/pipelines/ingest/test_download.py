@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.core.registry import load_config
 from pipelines.core.runner import run_stage
@@ -125,3 +126,39 @@ def test_concurrent_shards_keep_stdout_and_stderr(served):
     with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
         list(pool.map(lambda s: execute_shard(stage, root, cfgs["download"], s), specs))
     assert [os.fstat(fd).st_ino for fd in (1, 2)] == before
+
+
+def _rows(root):
+    return sorted(connect(root).sql("select key, status, error_message, sha256, jpg, width, height "
+                                    "from download").fetchall())
+
+
+@pytest.mark.slow  # two multi-process runners start their workers (~40 s on a loaded 2-core box)
+def test_download_on_dask_and_multiprocess_beam_gives_the_local_rows(served, tmp_path):
+    """The same URL shards through Beam's Dask runner (LocalCluster, 2 worker processes) and the
+    DirectRunner's multi-process mode give the rows of the in-process run."""
+    import shutil
+
+    from dask.distributed import LocalCluster
+
+    from storage.fs import DataRoot
+
+    root, _, overrides = served
+    overrides = [*overrides, "download.url_timeout_s=120"]  # rows must not depend on the load
+    assert run(root, overrides, "filter").ok
+    copies = {name: DataRoot(str(tmp_path / name)) for name in ("dask", "multi")}
+    for other in copies.values():
+        shutil.copytree(root.path, other.path)
+    assert run(root, overrides, "download").ok
+    local = _rows(root)
+    multi = run(copies["multi"], [*overrides, "beam.direct_num_workers=2",
+                                  "beam.direct_running_mode=multi_processing"], "download")
+    assert multi.ok and _rows(copies["multi"]) == local
+    with LocalCluster(n_workers=2, processes=True, host="127.0.0.1", threads_per_worker=1,
+                      dashboard_address=None) as cluster:
+        dask = run(copies["dask"], [
+            *overrides, 'beam.runner="apache_beam.runners.dask.dask_runner.DaskRunner"',
+            f'beam.options=["--dask_client_address={cluster.scheduler_address}"]'], "download")
+    assert dask.ok, dask.failed
+    assert _rows(copies["dask"]) == local
+    assert sum(1 for r in local if r[1] == "success") > 0
