@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true",
                    help="run without Prefect (same shards, same manifests)")
 
-    p = sub.add_parser("status", help="per stage: shards done / stale / missing")
+    p = sub.add_parser("verify", help="re-hash every output against its manifest; corrupt "
+                       "shards become stale (recomputed by the next run); exit 1 if any")
+    p.add_argument("stage", nargs="?", help="only this stage (default: every stage)")
+    data_root_arg(p)
+
+    p = sub.add_parser("status", help="per stage: shards done / stale / missing / corrupt")
     data_root_arg(p)
     config_args(p)
 
@@ -184,22 +189,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.core.registry import STAGES, get_stage, load_config
     from pipelines.core.stage import shard_states
     from storage.fs import DataRoot
+    from storage.verify import corrupt_shards
 
     cfgs, root = load_config(args.preset, args.config_file, args.overrides), DataRoot(args.data_root)
     t = Table(title=f"racm3 status: {args.data_root}")
-    for col in ("stage", "shards", "done", "stale", "missing", "note"):
+    for col in ("stage", "shards", "done", "stale", "missing", "corrupt", "note"):
         t.add_column(col)
     for name in STAGES:
         stage = get_stage(name)
+        corrupt = len(corrupt_shards(root, name))
         try:
             states = shard_states(stage, root, cfgs[stage.section])
         except (FileNotFoundError, ValueError) as e:
-            t.add_row(name, "-", "-", "-", "-", f"waiting: {str(e)[:70]}")
+            t.add_row(name, "-", "-", "-", "-", str(corrupt), f"waiting: {str(e)[:70]}")
             continue
         counts = {s: sum(1 for x in states if x.state == s) for s in ("done", "stale", "missing")}
-        t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")), "")
+        note = "corrupt shards are recomputed by `racm3 run`" if corrupt else ""
+        t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")),
+                  f"[red]{corrupt}[/red]" if corrupt else "0", note)
     Console().print(t)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.core.registry import get_stage
+    from storage.fs import DataRoot
+    from storage.verify import verify
+
+    if args.stage:
+        get_stage(args.stage)  # an unknown stage name exits 2
+    checked, findings = verify(DataRoot(args.data_root), args.stage)
+    for f in findings:
+        print(f"CORRUPT {f.stage}/{f.shard_id}: {'; '.join(f.problems)}")
+    print(f"verified {checked} shards: {len(findings)} corrupt"
+          + (" (marked stale: `racm3 run STAGE` recomputes them)" if findings else ""))
+    return EXIT_FAILED if findings else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -297,7 +321,8 @@ def cmd_recall(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "inspect": cmd_inspect,
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "verify": cmd_verify,
+            "inspect": cmd_inspect,
             "lineage": cmd_lineage, "decode": cmd_decode, "recall": cmd_recall}
 
 if __name__ == "__main__":

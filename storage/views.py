@@ -3,26 +3,45 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.fs import DataRoot
 from storage.manifest import list_manifests
+
+log = logging.getLogger("racm3")
 
 MANIFEST_COLUMNS = ("stage", "shard_id", "stage_version", "fingerprint", "params_hash",
                     "code_version", "rows_in", "rows_out", "output_digest", "flow_run_id",
                     "created_at")
 
 
-def shard_files(root: DataRoot) -> dict[str, list[str]]:
-    """stage -> URLs of its Parquet shards that have a manifest (a shard without one does not exist)."""
+def shard_files(root: DataRoot, check: bool = False) -> dict[str, list[str]]:
+    """stage -> URLs of its Parquet shards that have a manifest (a shard without one does not
+    exist). With `check`, a shard whose Parquet footer cannot be read is left out, with a warning."""
     out: dict[str, list[str]] = {}
     for m in list_manifests(root):
         for rel in m.outputs:
             if rel.endswith(".parquet") and rel.count("/") == 1:
+                if check and not readable(root, root.join(rel)):
+                    continue
                 out.setdefault(m.stage, []).append(root.url(root.join(rel)))
     return {k: sorted(v) for k, v in out.items()}
+
+
+def readable(root: DataRoot, path: str) -> bool:
+    """The footer reads (a truncated or missing shard fails here, cheaply: one small read)."""
+    try:
+        with root.fs.open(path, "rb") as f:
+            pq.read_metadata(f)
+        return True
+    except (OSError, pa.ArrowException) as e:
+        log.warning("skipping unreadable shard %s (%s); `racm3 verify` marks it for recompute",
+                    root.rel(path), str(e).splitlines()[0][:120])
+        return False
 
 
 def manifests_table(root: DataRoot) -> pa.Table:
@@ -51,7 +70,7 @@ def connect(root: DataRoot) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     if not root.is_local:
         con.register_filesystem(root.fs)
-    for stage, files in shard_files(root).items():
+    for stage, files in shard_files(root, check=True).items():
         listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         con.execute(f'CREATE VIEW "{stage}" AS SELECT * FROM read_parquet([{listing}], '
                     "union_by_name = true, filename = true)")

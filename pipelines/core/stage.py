@@ -194,6 +194,9 @@ def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
     )
     ctx.check_cancelled()  # a shard past its deadline must not become "done"
     write_manifest(root, m)
+    corrupt = root.manifest_path(stage.name, spec.shard_id) + ".corrupt"
+    if root.exists(corrupt):  # `racm3 verify` had found it corrupt; recomputed now
+        root.fs.rm(corrupt)
     return m
 
 
