@@ -1,6 +1,7 @@
 """Stage `pack`: token and neighbour shards into the memory-mapped token store training reads.
 
-One output part per input shard (layout and id scheme in `pipelines.training.token_store`):
+One output part (a few files) per input shard (layout and id scheme in
+`pipelines.training.token_store`):
 `t-<id>` from tokenize shard <id> (its only input, so a new token shard packs alone) and
 `n-<id>` from retrieve shard <id> plus every tokenize shard (global ids depend on all of them).
 """
@@ -21,14 +22,14 @@ from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.training.sequences import NEIGHBOUR_LINEAGE, TOKEN_LINEAGE, shard_lineage
 from pipelines.training.token_store import (
+    STAGE,
     fixed_width,
     neighbour_part_id,
     token_part_id,
-    upload_dir,
     write_neighbour_part,
     write_token_part,
 )
-from storage.fs import DataRoot
+from storage.fs import TMP_MARK, DataRoot
 from storage.manifest import list_manifests, read_manifest, upstream_ref
 from storage.shards import read_table
 
@@ -106,23 +107,28 @@ def token_keys(ctx: ShardContext, layout: list[list[Any]]) -> Iterator[tuple[int
 
 
 class built:
-    """A local folder to build a part in; on exit it is the shard's temp output (uploaded through
-    fsspec when the data root is not local)."""
+    """A local scratch folder to build a part in; on success each file in it becomes one temp
+    output of the shard (`pack/<shard>.<file>`), moved or uploaded through fsspec."""
 
     def __init__(self, ctx: ShardContext):
         self.ctx = ctx
-        self.target = ctx.output_path("part")
-        self.local = self.target if ctx.root.is_local else tempfile.mkdtemp(
-            prefix="racm3-pack-", dir=ctx.cfg.work_dir or None)
+        local_root = ctx.root.join(STAGE) if ctx.root.is_local else None
+        if local_root:
+            os.makedirs(local_root, exist_ok=True)
+        self.local = tempfile.mkdtemp(prefix=f"{ctx.spec.shard_id}.build{TMP_MARK}",
+                                      dir=local_root or ctx.cfg.work_dir or None)
 
     def __enter__(self) -> str:
-        os.makedirs(self.local, exist_ok=True)
         return self.local
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if self.local != self.target:
-            try:
-                if exc_type is None:
-                    upload_dir(self.ctx.root, self.local, self.target)
-            finally:
-                shutil.rmtree(self.local, ignore_errors=True)
+        try:
+            if exc_type is None:
+                for name in sorted(os.listdir(self.local)):
+                    tmp = self.ctx.output_path(name)
+                    if self.ctx.root.is_local:  # same folder: a rename
+                        os.replace(os.path.join(self.local, name), tmp)
+                    else:
+                        self.ctx.root.fs.put_file(os.path.join(self.local, name), tmp)
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)

@@ -1,15 +1,15 @@
 """Memory-mapped token store written by stage `pack`: flat token arrays, integer document ids.
 
-Layout (one folder per packed part, so appending a token shard packs only that shard):
+Layout (files of one packed part each, so appending a token shard packs only that shard):
 
-    pack/t-<tokenize shard>.part/   tokens.npy   int32, every document's CM3 ids back to back
-                                    offsets.npy  int64 (n + 1), document i = tokens[off[i]:off[i+1]]
-                                    keys.npy     fixed-width bytes, key of local id i (id -> key)
-                                    holdout.npy  uint64, sha1(key)[:8] (the stable held-out split)
-                                    keys.parquet key, id: the key <-> id map for people and tools
-    pack/n-<retrieve shard>.part/   doc.npy int64 global id of each row, sorted; query.npy int8
-                                    (index in QUERIES); variant.npy int16; offsets.npy int64 and
-                                    nbr.npy int64: the row's neighbours best first (-1 = no tokens)
+    pack/t-<tokenize shard>.tokens.npy   int32, every document's CM3 ids back to back
+                           .offsets.npy  int64 (n + 1), document i = tokens[off[i]:off[i+1]]
+                           .keys.npy     fixed-width bytes, key of local id i (id -> key)
+                           .holdout.npy  uint64, sha1(key)[:8] (the stable held-out split)
+                           .keys.parquet key, id: the key <-> id map for people and tools
+    pack/n-<retrieve shard>.doc.npy      int64 global id of each row, sorted; .query.npy int8
+                           (index in QUERIES); .variant.npy int16; .offsets.npy int64 and
+                           .nbr.npy int64: the row's neighbours best first (-1 = no tokens)
 
 A document's global id is its row in its tokenize shard plus the sizes of the token parts before
 it (parts ordered by shard id); the index of parts is the set of `pack` manifests, so there is no
@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -140,43 +139,39 @@ def write_neighbour_part(table: pa.Table, token_keys: Iterable[tuple[int, np.nda
             "neighbours_without_tokens": int((nbr < 0).sum())}
 
 
-def upload_dir(root: DataRoot, local: str, remote: str) -> None:
-    """Copy a finished local folder to a (temp) data-root path through fsspec."""
-    root.makedirs(remote)
-    for name in sorted(os.listdir(local)):
-        root.fs.put_file(f"{local}/{name}", posixpath.join(remote, name))
-
-
 # ---------------------------------------------------------------------------- reading
 
 
 @dataclass
 class Part:
-    """One packed part: where its files are (local, mmap-able) and its manifest."""
+    """One packed part: the local (mmap-able) path prefix of its files, and its manifest."""
 
     manifest: Manifest
-    local_dir: str
+    prefix: str  # file `name` of the part is f"{prefix}.{name}"
     offset: int = 0  # global id of its first document (token parts)
 
+    def file(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
 
-def local_part_dir(root: DataRoot, m: Manifest, cache_dir: str | None) -> str:
-    """The part's folder on local disk: itself on a local root, else a cached download keyed by
-    the part's digest (np.load(mmap_mode) needs a real file)."""
-    path = root.artifact(STAGE, m.shard_id, "part")
+
+def local_prefix(root: DataRoot, m: Manifest, cache_dir: str | None) -> str:
+    """Where the part's files are on local disk: in place on a local root, else a cached
+    download keyed by the part's digest (np.load(mmap_mode) needs a real file)."""
+    prefix = root.join(STAGE, m.shard_id)
     if root.is_local:
-        return path
+        return prefix
     base = cache_dir or os.path.join(tempfile.gettempdir(), "racm3-pack-cache")
-    local = os.path.join(base, m.output_digest.replace(":", "-"), m.shard_id)
-    if not os.path.exists(f"{local}/.complete"):
-        tmp = f"{local}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        for p in root.fs.ls(path, detail=False):
-            root.fs.get_file(p, f"{tmp}/{posixpath.basename(p)}")
-        open(f"{tmp}/.complete", "w").close()
-        shutil.rmtree(local, ignore_errors=True)
-        os.replace(tmp, local)
-    return local
+    folder = os.path.join(base, m.output_digest.replace(":", "-"))
+    done = os.path.join(folder, f"{m.shard_id}.complete")
+    if not os.path.exists(done):
+        os.makedirs(folder, exist_ok=True)
+        for rel in m.outputs:  # each file to a temp name, renamed: readers never see half a file
+            name = posixpath.basename(rel)
+            tmp = os.path.join(folder, f"{name}.tmp-{os.getpid()}")
+            root.fs.get_file(root.join(rel), tmp)
+            os.replace(tmp, os.path.join(folder, name))
+        open(done, "w").close()
+    return os.path.join(folder, m.shard_id)
 
 
 def token_manifests(root: DataRoot) -> list[Manifest]:
@@ -215,10 +210,10 @@ class StoreCorpus:
             maps: dict[str, np.ndarray] = {}
             for i, p in enumerate(self.parts):
                 for f in ("tokens", "offsets", "keys", "holdout"):
-                    maps[f"t{i}.{f}"] = np.load(f"{p.local_dir}/{f}.npy", mmap_mode="r")
+                    maps[f"t{i}.{f}"] = np.load(p.file(f"{f}.npy"), mmap_mode="r")
             for i, p in enumerate(self.neighbour_parts):
                 for f in ("doc", "query", "variant", "offsets", "nbr"):
-                    maps[f"n{i}.{f}"] = np.load(f"{p.local_dir}/{f}.npy", mmap_mode="r")
+                    maps[f"n{i}.{f}"] = np.load(p.file(f"{f}.npy"), mmap_mode="r")
             maps["starts"] = np.array([p.offset for p in self.parts], dtype=np.int64)
             self._maps = maps
         return self._maps
@@ -303,7 +298,7 @@ def open_store(root: DataRoot, with_neighbours: bool, holdout_fraction: float = 
     vocab = Vocab(n_text=int(lineage["n_text"]), n_image=int(lineage["n_image"]))
     parts, offset = [], 0
     for m in tms:
-        parts.append(Part(m, local_part_dir(root, m, cache_dir), offset))
+        parts.append(Part(m, local_prefix(root, m, cache_dir), offset))
         offset += int(m.metrics["docs"])
     lineage = {**lineage, "vocab": vocab.fingerprint(), "token_shards": len(tms)}
     nparts: list[Part] = []
@@ -318,7 +313,7 @@ def open_store(root: DataRoot, with_neighbours: bool, holdout_fraction: float = 
             if m.metrics.get("token_parts") != layout:
                 raise LineageError(f"pack/{m.shard_id} resolved neighbour ids against other token "
                                    f"parts than pack/ holds now: re-run `racm3 run pack`")
-            nparts.append(Part(m, local_part_dir(root, m, cache_dir)))
+            nparts.append(Part(m, local_prefix(root, m, cache_dir)))
         lineage["neighbour_rows_without_tokens"] = sum(
             int(m.metrics.get("rows_without_tokens", 0)) for m in nms)
     store = StoreCorpus(vocab, parts, nparts, lineage, holdout_fraction)

@@ -43,7 +43,8 @@ def test_round_trip_ids_keys_tokens_and_neighbours(root):
             shards.neighbours[key]
     # the key <-> id map beside the arrays, in row order of its tokenize shard
     m = read_manifest(root, "pack", "t-00001")
-    table = pq.read_table(root.join(next(iter(m.outputs)), "keys.parquet"))
+    assert "pack/t-00001.keys.parquet" in m.outputs and "pack/t-00001.tokens.npy" in m.outputs
+    table = pq.read_table(root.artifact("pack", "t-00001", "keys.parquet"))
     assert table.column("key").to_pylist() == [f"{i:04d}" for i in range(1, 16, 2)]
     assert table.column("id").to_pylist() == list(range(8))
     assert store.lineage["codebook"] == "cb-1" and store.lineage["index_fingerprint"] == "ix-1"
