@@ -218,7 +218,9 @@ def run_stage_flow(stage_name: str, data_root: str, cfgs: dict[str, Any],
 
 STAGE_FLOWS = {name: _make_flow(name) for name in STAGES}
 
-# Module-level names for prefect.yaml entrypoints (flows/stages.py:filter_flow).
+# Module-level names for prefect.yaml entrypoints (flows/stages.py:filter_flow): every registered
+# stage gets `<name with "-" -> "_">_flow`, so registering a stage needs no edit here.
+globals().update({f"{name.replace('-', '_')}_flow": f for name, f in STAGE_FLOWS.items()})
 demo_data_flow = STAGE_FLOWS["demo"]
 filter_flow = STAGE_FLOWS["filter"]
 download_flow = STAGE_FLOWS["download"]
