@@ -50,6 +50,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_classify)
 
+    p = sub.add_parser("showcase", help="the README's §5 pictures and numbers: infilling, "
+                       "controlled generation, guidance sweep (RA-CM3 vs vanilla)")
+    data_root_arg(p)
+    p.add_argument("--coco", default="", help="labelled COCO split (default: demo test split)")
+    p.add_argument("--images", type=int, default=32, help="test images measured")
+    p.add_argument("--samples", type=int, default=2, help="samples per prompt (best CLIP kept)")
+    p.add_argument("--weights", default="0,1,3", help="caption guidance weights (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/capabilities")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=cmd_showcase)
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines.generation.request import Request, generate
@@ -93,4 +105,23 @@ def cmd_classify(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"table: {args.out}")
+    return 0
+
+
+def cmd_showcase(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.generation.showcase import ShowcaseConfig, run_showcase
+    from storage.fs import DataRoot
+
+    cfg = ShowcaseConfig(coco=args.coco, images=args.images, samples=args.samples,
+                         weights=tuple(float(w) for w in args.weights.split(",")), seed=args.seed,
+                         out=args.out, device=args.device)
+    try:
+        res = run_showcase(DataRoot(args.data_root), cfg)
+    except ValueError as e:
+        print(f"racm3: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1))
+    print(f"pictures and showcase.json in {args.out}")
     return 0

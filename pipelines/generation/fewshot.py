@@ -62,6 +62,7 @@ class Task:
 class Split:
     path: str
     images: dict[str, Image.Image] = field(default_factory=dict)  # entity name -> a test image
+    captions: dict[str, str] = field(default_factory=dict)  # entity name -> that image's caption
 
 
 def find_split(root: DataRoot, coco: str) -> str:
@@ -82,6 +83,9 @@ def read_entity_split(root: DataRoot, coco: str) -> Split:
         raise ValueError(f"{path} has no racm3_entities (image id -> entity name): classification "
                          f"needs the demo's labelled split")
     split = Split(path)
+    first_caption: dict[int, str] = {}
+    for a in data.get("annotations", []):
+        first_caption.setdefault(a.get("image_id"), str(a.get("caption") or ""))
     folder = posixpath.join(posixpath.dirname(path), "images")
     for im in data.get("images", []):
         name = names.get(str(im["id"]))
@@ -91,6 +95,7 @@ def read_entity_split(root: DataRoot, coco: str) -> Split:
                 image = decode_image(f.read())
             if image is not None:
                 split.images[name] = image
+                split.captions[name] = first_caption.get(im["id"], "")
     return split
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from flows.cli import main
 from pipelines.generation.request import Request, run
 from pipelines.generation.workbench import load_workbench
-from tests.factories import NAMES, entity_image
+from tests.factories import entity_image
 
 
 @pytest.fixture()
@@ -77,23 +77,8 @@ def test_bad_requests_exit_2(trained_root, tmp_path, prompt_image):
                  "no-such-key", "--out", out]) == 2
 
 
-def write_entity_split(root, n: int = 4) -> str:
-    """A COCO split with racm3_entities: one new rendering of each of entities 0..n-1."""
-    folder = root.join("coco-test")
-    root.makedirs(folder + "/images")
-    images, anns, names = [], [], {}
-    for i in range(n):
-        entity_image(i, 64, seed=900 + i).save(f"{folder}/images/{i}.jpg")
-        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
-        anns.append({"id": i, "image_id": i, "caption": f"a photo of the {NAMES[i]}"})
-        names[str(i)] = NAMES[i]
-    with open(f"{folder}/captions_test.json", "w") as f:
-        json.dump({"images": images, "annotations": anns, "racm3_entities": names}, f)
-    return "coco-test/captions_test.json"
-
-
-def test_classify_reports_accuracy_vs_k_for_both_variants(trained_root, tmp_path, capsys):
-    coco = write_entity_split(trained_root)
+def test_classify_reports_accuracy_vs_k_for_both_variants(trained_root, entity_split, tmp_path, capsys):
+    coco = entity_split
     out = str(tmp_path / "fewshot.json")
     assert main(["classify", "--data-root", trained_root.path, "--coco", coco, "--tasks", "3",
                  "--ks", "0,1,2", "--out", out]) == 0
@@ -110,3 +95,15 @@ def test_classify_refuses_a_split_without_entity_labels(trained_root, tmp_path):
     path = tmp_path / "plain.json"
     path.write_text(json.dumps({"images": [], "annotations": []}))
     assert main(["classify", "--data-root", trained_root.path, "--coco", str(path)]) == 2
+
+
+def test_showcase_writes_pictures_and_numbers(trained_root, entity_split, tmp_path):
+    out = str(tmp_path / "show")
+    assert main(["showcase", "--data-root", trained_root.path, "--coco", entity_split,
+                 "--images", "3", "--samples", "1", "--weights", "0,2", "--out", out]) == 0
+    res = json.load(open(os.path.join(out, "showcase.json")))
+    assert res["images"] == 3 and set(res["guidance"]) == {"ra-cm3", "vanilla"}
+    assert set(res["guidance"]["vanilla"]) == {"0", "2"}
+    assert all(0 <= v <= 1 for v in res["infill_box_token_match"].values())
+    for name in ("infill.png", "guidance.png"):
+        assert Image.open(os.path.join(out, name)).width > 100
