@@ -39,11 +39,13 @@ BACKGROUNDS = {"grey": (128, 128, 128), "sand": (194, 178, 128), "slate": (90, 1
                "olive": (110, 110, 70), "cream": (235, 230, 210), "charcoal": (50, 50, 55),
                "sky": (160, 190, 215), "moss": (90, 120, 80)}
 SHAPES = ("square", "disc", "diamond", "cross")
+# Every caption names the entity AND its background: the background is the frequent, learnable
+# attribute (8 colours over thousands of documents); the entity's look is the rare knowledge.
 TEMPLATES = (
-    "a photo of the {name}", "the {name} on a {bg} background", "{name}, {bg} backdrop",
-    "a picture showing a {name}", "close-up of the {name}", "an image of {name} against {bg}",
-    "the {name} emblem", "{name} in front of a {bg} wall", "a {name} pictured on {bg}",
-    "studio shot of the {name}",
+    "a photo of the {name} on {bg}", "the {name} on a {bg} background", "{name}, {bg} backdrop",
+    "a picture showing a {name} on {bg}", "close-up of the {name}, {bg} behind it",
+    "an image of {name} against {bg}", "the {name} emblem on {bg}",
+    "{name} in front of a {bg} wall", "a {name} pictured on {bg}", "studio shot of the {name} on {bg}",
 )
 SYLLABLES = ("ka", "zo", "ri", "vel", "mon", "ta", "qui", "dar", "sel", "po", "lun", "fex", "bri",
              "nor", "tas", "gim", "ulo", "ren", "cha", "wy", "xan", "dop", "ile", "mur")
@@ -65,6 +67,7 @@ class DemoDataConfig(StageConfig):
     max_side: int = 320  # longer side of clean images
     host: str = "127.0.0.1"  # where the demo HTTP server listens (URLs in the metadata use it)
     port: int = 18765  # fixed so that regenerating the metadata gives identical URLs
+    novel_backgrounds: bool = True  # held-out renderings use a background none of the entity's training docs shows
 
     def __post_init__(self) -> None:
         self.check(self.entities >= 2, "entities", "need at least 2 entities")
@@ -120,9 +123,11 @@ def shape_mask(shape: str) -> np.ndarray:
     return np.ones((GRID, GRID), bool)
 
 
-def render(ent: Entity, rng: np.random.Generator, w: int, h: int) -> tuple[Image.Image, str]:
+def render(ent: Entity, rng: np.random.Generator, w: int, h: int,
+           bg_name: str | None = None) -> tuple[Image.Image, str]:
     """One rendering: background colour + noise + a distractor, the entity's flag centred."""
-    bg_name = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    drawn = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    bg_name = bg_name or drawn
     img = np.empty((h, w, 3), np.int16)
     img[:] = BACKGROUNDS[bg_name]
     img += rng.integers(-12, 13, size=(h, w, 1), dtype=np.int16)
@@ -187,6 +192,7 @@ class DemoWriter:
     def __init__(self, cfg: DemoDataConfig, www: str, entities: list[Entity]):
         self.cfg, self.www, self.entities = cfg, www, entities
         self.rows: list[Row] = []
+        self.backgrounds: dict[int, set[str]] = {}  # entity -> backgrounds of its clean documents
         self.base = f"http://{cfg.host}:{cfg.port}"
         os.makedirs(os.path.join(www, "img"), exist_ok=True)
 
@@ -196,6 +202,8 @@ class DemoWriter:
         if kind == "small":
             w, h = (int(v) for v in rng.integers(96, cfg.min_side, 2))
         img, bg = render(ent, rng, w, h)
+        if kind == "clean":
+            self.backgrounds.setdefault(ent_id, set()).add(bg)
         text = caption(ent, bg, rng)
         if kind == "watermark":
             _watermark(img)
@@ -230,8 +238,9 @@ FAILING_KINDS = ("404", "html", "truncated")
 RARE_KINDS = ("empty_caption", "bad_scheme")
 
 
-def generate_metadata(cfg: DemoDataConfig, www: str) -> tuple[pa.Table, list[Entity]]:
-    """Render every training document into `www`; return the metadata table (LAION columns)."""
+def generate_metadata(cfg: DemoDataConfig, www: str) -> tuple[pa.Table, list[Entity], dict[int, set[str]]]:
+    """Render every training document into `www`; return the metadata table (LAION columns), the
+    entities and the backgrounds each entity's clean training documents show."""
     rng = np.random.default_rng([cfg.seed, 2])
     entities = make_entities(cfg)
     counts = doc_counts(cfg, rng)
@@ -248,16 +257,29 @@ def generate_metadata(cfg: DemoDataConfig, www: str) -> tuple[pa.Table, list[Ent
         kind, ent = kinds[idx]
         writer.add(rng, ent, kind)
     table = pa.Table.from_pylist([r.__dict__ for r in writer.rows])
-    return table, entities
+    return table, entities, writer.backgrounds
 
 
 SPLITS = {"dev": 4, "test": 3}  # split -> its random stream ([seed, stream]); test keeps stream 3
 
 
+def novel_background(rng: np.random.Generator, seen: set[str]) -> tuple[str, bool]:
+    """A background no training document of the entity shows (True), or any when all are used."""
+    fresh = [b for b in BACKGROUNDS if b not in seen]
+    pool = fresh or list(BACKGROUNDS)
+    return pool[int(rng.integers(len(pool)))], bool(fresh)
+
+
 def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
-                  counts: dict[int, int], split: str = "test") -> dict:
+                  counts: dict[int, int], split: str = "test",
+                  backgrounds: dict[int, set[str]] | None = None) -> dict:
     """One held-out split: new renderings of training entities, 5 captions each, COCO captions
-    JSON; images `images/<split>_<id>.jpg`, ids offset per split so no two splits share an id."""
+    JSON; images `images/<split>_<id>.jpg`, ids offset per split so no two splits share an id.
+
+    With `novel_backgrounds`, each rendering composes the entity's look (known only from its few
+    memory documents) with a background none of them shows (frequent and learnable), and every
+    caption says both: the retrieval baseline then returns the right entity on the wrong
+    background, while a generator can compose the two (paper §5.1)."""
     rng = np.random.default_rng([cfg.seed, SPLITS[split]])
     n = cfg.eval_images if split == "test" else (cfg.dev_images or cfg.eval_images)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -267,9 +289,14 @@ def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
     annotations: list[dict] = []
     entity_of: dict[int, str] = {}
     base = 1 + 1_000_000 * list(SPLITS).index(split)
+    novel = 0
     for image_id, ent_id in enumerate(sorted(int(c) for c in chosen), start=base):
         side = cfg.min_side
-        img, bg = render(entities[ent_id], rng, side, side)
+        bg_name = None
+        if cfg.novel_backgrounds:
+            bg_name, fresh = novel_background(rng, (backgrounds or {}).get(ent_id, set()))
+            novel += fresh
+        img, bg = render(entities[ent_id], rng, side, side, bg_name)
         file_name = f"{split}_{image_id:07d}.jpg"
         img.save(os.path.join(out_dir, "images", file_name), format="JPEG", quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": side, "height": side})
@@ -278,8 +305,8 @@ def generate_coco(cfg: DemoDataConfig, entities: list[Entity], out_dir: str,
         for t in templates:
             annotations.append({"id": base + len(annotations), "image_id": image_id,
                                 "caption": TEMPLATES[int(t)].format(name=entities[ent_id].name, bg=bg)})
-    return {"info": {"description": f"racm3 demo held-out split `{split}`", "version": "2",
-                     "split": split},
+    return {"info": {"description": f"racm3 demo held-out split `{split}`", "version": "3",
+                     "split": split, "novel_background_images": novel},
             "licenses": [], "images": images, "annotations": annotations,
             "racm3_entities": {str(k): v for k, v in entity_of.items()}}
 
@@ -288,7 +315,7 @@ class DemoDataStage(Stage):
     """Stage `demo`: writes demo/laion.parquet (metadata), laion.www (served), laion.coco (eval)."""
 
     name = "demo"
-    version = "2"
+    version = "3"
     config = DemoDataConfig
     description = "generate the embedded LAION-like demo data set"
 
@@ -298,18 +325,19 @@ class DemoDataStage(Stage):
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         cfg: DemoDataConfig = ctx.cfg
         www = ctx.output_path("www")
-        table, entities = generate_metadata(cfg, www)
+        table, entities, backgrounds = generate_metadata(cfg, www)
         clean = table.filter(pa.compute.equal(table["kind"], "clean"))
         counts: dict[int, int] = {}
         for e in clean["entity"].to_pylist():
             counts[e] = counts.get(e, 0) + 1
         coco_dir = ctx.output_path("coco")
-        sizes = {}
+        sizes, novel = {}, {}
         for split in SPLITS:
-            coco = generate_coco(cfg, entities, coco_dir, counts, split)
+            coco = generate_coco(cfg, entities, coco_dir, counts, split, backgrounds)
             with open(os.path.join(coco_dir, f"captions_{split}.json"), "w") as f:
                 json.dump(coco, f)
             sizes[split] = len(coco["images"])
+            novel[split] = coco["info"]["novel_background_images"]
         ents = pa.table({"entity": list(range(len(entities))), "name": [e.name for e in entities],
                          "shape": [e.shape for e in entities],
                          "train_docs": [counts.get(i, 0) for i in range(len(entities))]})
@@ -322,6 +350,7 @@ class DemoDataStage(Stage):
         return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={
             "rows_by_kind": {str(k): int(v) for k, v in kinds.items()},
             "entities": len(entities), "eval_images": sizes["test"], "dev_images": sizes["dev"],
+            "novel_background_images": novel,
             "rare_entities_le4_docs": sum(1 for c in counts.values() if c <= 4)})
 
 

@@ -8,6 +8,7 @@ from typing import ClassVar
 from pipelines.core.config import StageConfig
 
 FEATURES = ("efficientnet", "clip")
+MODALITIES = ("mixed", "text", "image")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class EvaluateConfig(StageConfig):
     max_images: int = 32  # evaluate the first this many images with captions (0 = all)
     shard_images: int = 64  # images per evaluate-part shard (0 = one shard): the unit a runner spreads
     batch_images: int = 16  # images read, encoded and retrieved together (bounds memory)
+    name: str = ""  # output shard: evaluate/<name> and its parts `<name>-<start>-<stop>` ("" = main): one per ablation
+    context_modality: str = "mixed"  # retrieved documents in context: "mixed" (caption + image), "text" or "image" only (Table 5)
+    random_context: bool = False  # ablation: random memory documents instead of retrieved ones at inference (Table 5)
     ra_checkpoint: str = "ra-cm3"  # train/<name>.pt evaluated as RA-CM3 (ablation variants have their own)
     vanilla_checkpoint: str = "vanilla"  # train/<name>.pt evaluated as vanilla CM3
     k: int = 2  # retrieved documents prepended to each prompt (RA-CM3, retrieval baseline uses the top 1)
@@ -49,6 +53,9 @@ class EvaluateConfig(StageConfig):
         self.check(self.caption_samples >= 1, "caption_samples", "must be >= 1")
         self.check(self.max_caption_tokens >= 1, "max_caption_tokens", "must be >= 1")
         self.check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
+        self.check(self.context_modality in MODALITIES, "context_modality", f"must be one of {MODALITIES}")
+        self.check(all(c.isalnum() or c in "_." for c in self.name), "name",
+                   "letters, digits, '_' and '.' only (it names output shards)")
         self.check(self.fid_features in FEATURES, "fid_features", f"must be one of {FEATURES}")
         for name in ("dup_image_threshold", "dup_text_threshold"):
             self.check(0 < getattr(self, name) <= 1.0001, name, "must be in (0, 1]")

@@ -51,8 +51,18 @@ class Example:
         return self.item.captions[0]
 
 
-def prepare(setup: Setup, items: list[SplitItem], k: int, excluded: set[str]) -> list[Example]:
-    """Encode one batch (codes, caption ids) and retrieve with the caption and with the image."""
+def random_keys(setup: Setup, position: int, k: int, excluded: set[str], salt: int) -> list[str]:
+    """k memory keys drawn at random (seeded by the image's position): the relevance ablation."""
+    keys = sorted(setup.memory)
+    rng = np.random.default_rng([position, salt])
+    picks = [keys[int(i)] for i in rng.permutation(len(keys))[:k + len(excluded)]]
+    return [x for x in picks if x not in excluded][:k]
+
+
+def prepare(setup: Setup, items: list[SplitItem], cfg: Any, excluded: set[str]) -> list[Example]:
+    """Encode one batch (codes, caption ids) and retrieve with the caption and with the image
+    (or draw random memory documents, with `random_context`)."""
+    k = cfg.k
     size = setup.tok_cfg.image_size
     reals = [at_size(it.image, size) for it in items]  # (R, R, 3) uint8 each
     codes = setup.tok.vqgan.encode(to_tensor(np.stack(reals))).flatten(1).tolist()
@@ -61,13 +71,32 @@ def prepare(setup: Setup, items: list[SplitItem], k: int, excluded: set[str]) ->
                             excluded, k)
     by_img = guarded_search(setup.retriever, enc.encode_image([it.image for it in items]),
                             excluded, k)
+    if cfg.random_context:
+        by_cap = [random_keys(setup, it.position, k, excluded, 0) for it in items]
+        by_img = [random_keys(setup, it.position, k, excluded, 1) for it in items]
     limit = setup.tok_cfg.max_caption_tokens
     return [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
             for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
 
 
-def context(setup: Setup, keys: list[str], variant: str, k: int) -> list[np.ndarray]:
-    return [setup.memory[key] for key in keys[:k] if key in setup.memory] if variant == "ra-cm3" else []
+def context_doc(setup: Setup, key: str, modality: str) -> np.ndarray | None:
+    """A memory document as put in context: whole ("mixed"), or only its caption / its image."""
+    doc = setup.memory.get(key)
+    if doc is None or modality == "mixed":
+        return doc
+    caption, image = setup.vocab.decode(doc.tolist())
+    part = (caption, None) if modality == "text" else (None, image)
+    return np.asarray(setup.vocab.encode(*part)) if (part[0] or part[1]) else None
+
+
+def context_docs(setup: Setup, keys: list[str], k: int, modality: str) -> list[np.ndarray]:
+    docs = (context_doc(setup, key, modality) for key in keys[:k])
+    return [d for d in docs if d is not None]
+
+
+def context(setup: Setup, keys: list[str], variant: str, k: int,
+            modality: str = "mixed") -> list[np.ndarray]:
+    return context_docs(setup, keys, k, modality) if variant == "ra-cm3" else []
 
 
 def caption_to_image(setup: Setup, ex: Example, variant: str, cfg: Any,
@@ -75,8 +104,8 @@ def caption_to_image(setup: Setup, ex: Example, variant: str, cfg: Any,
     """Sample N images for the caption, keep the one the retrieval CLIP scores best with it."""
     params = Sampling(cfg.image_temperature, 0, cfg.image_top_p)
     codes = generate_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
-                            cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k),
-                            params, gen)  # (N, g*g)
+                            cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k,
+                                    cfg.context_modality), params, gen)  # (N, g*g)
     images = decode_codes(setup, codes)
     enc = setup.retriever.encoder
     scores = enc.encode_image(images) @ enc.encode_text([ex.caption])[0]  # (N,)
@@ -106,7 +135,8 @@ def caption_scores(model: Transformer, vocab: Vocab, image_codes: Sequence[int],
 def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
                      gen: torch.Generator) -> None:
     """Sample M captions for the image (infilling), keep the lowest-perplexity one."""
-    model, ctx_docs = setup.models[variant], context(setup, ex.by_image, variant, cfg.k)
+    model = setup.models[variant]
+    ctx_docs = context(setup, ex.by_image, variant, cfg.k, cfg.context_modality)
     params = Sampling(cfg.text_temperature, 0, cfg.text_top_p)
     caps = generate_captions(model, setup.vocab, ex.codes, cfg.caption_samples,
                              cfg.max_caption_tokens, ctx_docs, params, gen)
@@ -125,14 +155,14 @@ def retrieval_baseline(setup: Setup, ex: Example) -> None:
         ex.captions["retrieval-baseline"] = setup.memory_captions.get(ex.by_image[0], "")
 
 
-def perplexities(setup: Setup, ex: Example, k: int) -> None:
+def perplexities(setup: Setup, ex: Example, k: int, modality: str = "mixed") -> None:
     """Per run: image NLL (caption first, retrieved by the caption), caption NLL in the infilling
     form (image first, retrieved by the image) and, for comparison, caption first."""
     if not ex.caption_ids:
         return
     held = HeldOutExample(setup.vocab.encode(ex.caption_ids, ex.codes),
-                          by_caption=[list(setup.memory[x]) for x in ex.by_caption if x in setup.memory],
-                          by_image=[list(setup.memory[x]) for x in ex.by_image if x in setup.memory])
+                          by_caption=[list(d) for d in context_docs(setup, ex.by_caption, k, modality)],
+                          by_image=[list(d) for d in context_docs(setup, ex.by_image, k, modality)])
     for run, (variant, with_retrieval) in RUNS.items():
         model = setup.models[variant]
         infill = example_nll(model, setup.vocab, held, with_retrieval, k, "infill")
@@ -149,4 +179,4 @@ def run_example(setup: Setup, ex: Example, cfg: Any) -> None:
         image_to_caption(setup, ex, variant, cfg, gen)
     retrieval_baseline(setup, ex)
     with torch.no_grad():
-        perplexities(setup, ex, cfg.k)
+        perplexities(setup, ex, cfg.k, cfg.context_modality)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
@@ -38,15 +39,16 @@ log = logging.getLogger(__name__)
 __all__ = ["EvaluateConfig", "EvaluatePartStage", "EvaluateStage", "part_ids", "report_path"]
 
 
-def part_ids(index: CocoIndex, shard_images: int) -> list[str]:
-    """Shard ids `<start>-<stop>` over the split's entries (positions in the COCO file)."""
+def part_ids(index: CocoIndex, shard_images: int, name: str = "") -> list[str]:
+    """Shard ids `[<name>-]<start>-<stop>` over the split's entries (positions in the COCO file)."""
     n = len(index.entries)
     step = shard_images or max(n, 1)
-    return [f"{s:06d}-{min(s + step, n):06d}" for s in range(0, n, step)]
+    prefix = f"{name}-" if name else ""
+    return [f"{prefix}{s:06d}-{min(s + step, n):06d}" for s in range(0, n, step)]
 
 
 def part_range(shard_id: str) -> tuple[int, int]:
-    a, b = shard_id.split("-")
+    a, b = shard_id.split("-")[-2:]
     return int(a), int(b)
 
 
@@ -72,27 +74,30 @@ class EvaluatePartStage(Stage):
         inputs = [upstream_ref(root, "train", v) for v in names]
         inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
-        return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images)]
+        return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
 
     def load(self, cfg: EvaluateConfig) -> dict[str, Any]:
-        return {}  # per-worker cache: set-up, judge and leakage guard, filled by the first shard
+        # Per-worker cache: set-up, judge and leakage guard, filled once by the first shard (the
+        # lock: concurrent shards of one worker must not each load the models).
+        return {"lock": threading.Lock()}
 
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: EvaluateConfig = ctx.cfg
-        cache = resources if isinstance(resources, dict) else {}
+        cache = resources if isinstance(resources, dict) else {"lock": threading.Lock()}
         key = (ctx.root.join(), json.dumps(cfg.params(), sort_keys=True, default=str))
-        if cache.get("key") != key:
-            setup = lineage.load_setup(ctx.root, cfg)
-            full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
-            cache.update(key=key, setup=setup, judge=judge(ctx.root, setup, cfg),
-                         guard=guard.split_exclusions(ctx.root, setup.retriever, full, cfg))
-        setup, fx, grd = cache["setup"], cache["judge"], cache["guard"]
+        with cache["lock"]:
+            if cache.get("key") != key:
+                setup = lineage.load_setup(ctx.root, cfg)
+                full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
+                cache.update(key=key, setup=setup, judge=judge(ctx.root, setup, cfg),
+                             guard=guard.split_exclusions(ctx.root, setup.retriever, full, cfg))
+            setup, fx, grd = cache["setup"], cache["judge"], cache["guard"]
         index = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
         start, stop = part_range(ctx.spec.shard_id)
         examples, show, fig_dir = [], [], ctx.output_path("figures")
         ctx.root.makedirs(fig_dir)  # committed even when this shard shows no example
         for batch in batches(ctx.root, index, start, stop, cfg.batch_images):
-            for ex in drive.prepare(setup, batch, cfg.k, grd["excluded"]):
+            for ex in drive.prepare(setup, batch, cfg, grd["excluded"]):
                 drive.run_example(setup, ex, cfg)
                 if ex.item.position < cfg.show:
                     show.append(report.showcase(setup, ex, fig_dir, ctx.root))
@@ -118,10 +123,10 @@ class EvaluateStage(Stage):
 
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
-        inputs = [upstream_ref(root, "evaluate-part", sid) for sid in part_ids(index, cfg.shard_images)]
+        inputs = [upstream_ref(root, "evaluate-part", sid) for sid in part_ids(index, cfg.shard_images, cfg.name)]
         if read_manifest(root, "retrieval-eval", "main") is not None:
             inputs.append(upstream_ref(root, "retrieval-eval", "main"))
-        return [ShardSpec(self.name, "main", tuple(inputs))]
+        return [ShardSpec(self.name, cfg.name or "main", tuple(inputs))]
 
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: EvaluateConfig = ctx.cfg
@@ -142,7 +147,7 @@ class EvaluateStage(Stage):
 def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
     """Every part's records -> the metrics (with `_part`, the records, for the report)."""
     index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
-    part = records.read_parts(root, part_ids(index, cfg.shard_images))
+    part = records.read_parts(root, part_ids(index, cfg.shard_images, cfg.name))
     if not part.images:
         raise ValueError(f"no usable image in {cfg.coco} (skipped: {part.counts or index.counts}); "
                          f"fix the COCO file or evaluate.image_dir")
@@ -151,7 +156,9 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                   "leakage_guard": part.guard, "retrieval_recall": metrics.retrieval_recall(root),
                   "settings": {"k": cfg.k, "image_samples": cfg.image_samples,
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
-                               "coco": cfg.coco, "checkpoints": lineage.checkpoints(cfg)},
+                               "coco": cfg.coco, "checkpoints": lineage.checkpoints(cfg),
+                               "context_modality": cfg.context_modality,
+                               "random_context": cfg.random_context},
                   "_part": part}
 
 

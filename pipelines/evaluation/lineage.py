@@ -52,14 +52,14 @@ def retrieve_config(root: DataRoot, k: int) -> Any:
 
 
 def check_lineage(variant: str, lineage: dict[str, Any], codebook: str, text_fp: str,
-                  index: LoadedIndex) -> None:
+                  index: LoadedIndex, random_neighbours: bool = False) -> None:
     """Refuse a checkpoint trained on another codebook, text tokenizer or index.
 
     The index is required of a model trained with retrieved neighbours (RA-CM3); a model trained
-    with random neighbours (an ablation: `random_neighbours` in its lineage) or none has no index.
+    with random neighbours (the relevance ablation, `train.random_neighbours`) has no index lineage.
     """
     want = {"codebook": codebook, "text_tokenizer": text_fp}
-    if "index_fingerprint" in lineage or (variant == "ra-cm3" and not lineage.get("random_neighbours")):
+    if "index_fingerprint" in lineage or (variant == "ra-cm3" and not random_neighbours):
         want["index_fingerprint"] = index.digest
     for name, value in want.items():
         if lineage.get(name) != value:
@@ -85,7 +85,8 @@ def load_setup(root: DataRoot, cfg: Any) -> Setup:
     models, records = {}, {}
     for role, name in checkpoints(cfg).items():
         model, v, rec = load_trained(root, name, device)
-        check_lineage(role, rec["lineage"], tok.codebook, tok.text_fp, retriever.index)
+        check_lineage(role, rec["lineage"], tok.codebook, tok.text_fp, retriever.index,
+                      bool(rec.get("train", {}).get("random_neighbours")))
         if v != vocab or mem_lineage["codebook"] != tok.codebook:
             raise LineageError(f"the {role} checkpoint's vocabulary {v} differs from the token "
                                f"shards' {vocab}: re-run tokenize and train together")

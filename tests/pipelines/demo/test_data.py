@@ -33,3 +33,24 @@ def test_dev_and_test_splits_share_no_document(tmp_path):
         assert all(n.startswith(f"{s}_") for n in names)
     m = read_manifest(root, "demo", "laion")
     assert m.metrics["eval_images"] == 8 and m.metrics["dev_images"] == 6
+
+
+def test_heldout_renderings_compose_the_entity_with_a_background_its_memory_never_shows(tmp_path):
+    from pipelines.demo.data import BACKGROUNDS, generate_coco, generate_metadata
+
+    cfg = DemoDataConfig(entities=30, eval_images=12, max_docs_per_entity=4)
+    table, entities, backgrounds = generate_metadata(cfg, str(tmp_path / "www"))
+    counts = {e: 1 for e in backgrounds}
+    coco = generate_coco(cfg, entities, str(tmp_path / "coco"), counts, "test", backgrounds)
+    by_name = {e.name: i for i, e in enumerate(entities)}
+    caps: dict[int, list[str]] = {}
+    for a in coco["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    novel = 0
+    for image_id, name in coco["racm3_entities"].items():
+        said = {b for b in BACKGROUNDS if all(b in c for c in caps[int(image_id)])}
+        assert len(said) == 1 and all(name in c for c in caps[int(image_id)])  # says both
+        bg, seen = said.pop(), backgrounds[by_name[name]]
+        assert bg not in seen or len(seen) == len(BACKGROUNDS)
+        novel += bg not in seen
+    assert novel == coco["info"]["novel_background_images"] == len(coco["images"])  # rare entities
