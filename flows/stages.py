@@ -14,7 +14,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.core.attempt import ShardTimeout, attempt
-from pipelines.core.driver import Job, OnResult, drive, report_committed
+from pipelines.core.driver import Job, ManifestWatch, OnResult, drive
 from pipelines.core.progress import Snapshot
 from pipelines.core.registry import STAGES, config_from_dict, get_stage, load_config
 from pipelines.core.report import StageReport
@@ -60,9 +60,9 @@ class PrefectTasks:
 
     def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
         if job.stage.engine == "beam":
-            failures = beam_task(job, specs)
-            for spec in specs:
-                report_committed(job, spec, failures.get(spec.shard_id), on_result)
+            with ManifestWatch(job, specs, on_result) as watch:
+                failures = beam_task(job, specs)
+            watch.finish(failures)
             return
         resources = job.stage.load(job.cfg)
         one = shard_task.with_options(retries=job.run.retries, retry_delay_seconds=RETRY_DELAY_S,

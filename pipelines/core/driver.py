@@ -8,6 +8,7 @@ shards and run them on an executor (in-process threads, Prefect tasks, Beam), wi
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -76,15 +77,55 @@ class BeamRunner:
     def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
         from pipelines.core.beam import run_on_beam
 
-        failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
-        for spec in specs:
-            report_committed(job, spec, failures.get(spec.shard_id), on_result)
+        with ManifestWatch(job, specs, on_result) as watch:
+            failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run,
+                                   job.owner)
+        watch.finish(failures)
 
 
-def report_committed(job: Job, spec: ShardSpec, error: str | None, on_result: OnResult) -> None:
-    """Report a shard that ran elsewhere (Beam worker): its manifest is the proof it committed."""
-    m = None if error else read_manifest(job.root, job.stage.name, spec.shard_id)
-    on_result(spec, m, error or (None if m else "no manifest after the shard ran"))
+class ManifestWatch:
+    """Reports shards run elsewhere (Beam workers, on any runner) as their manifests appear in the
+    data root, so progress advances per shard; `finish` reports the rest once the runner is done.
+    The watcher thread runs in the caller's context (a Prefect flow run's, for its artifacts)."""
+
+    POLL_S = 2.0
+
+    def __init__(self, job: Job, specs: list[ShardSpec], on_result: OnResult):
+        self.job, self.on_result = job, on_result
+        self.left = {s.shard_id: s for s in specs}
+        self.t0 = time.time() - 1.0  # manifests older than this run are an earlier run's
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        ctx = contextvars.copy_context()
+        self.thread = threading.Thread(target=ctx.run, args=(self._watch,), daemon=True,
+                                       name=f"racm3-watch-{job.stage.name}")
+
+    def __enter__(self) -> ManifestWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.POLL_S):
+            for sid in list(self.left):
+                m = read_manifest(self.job.root, self.job.stage.name, sid)
+                if m is not None and m.created_at >= self.t0:
+                    self._report(sid, m, None)
+
+    def _report(self, sid: str, m: Manifest | None, error: str | None) -> None:
+        with self.lock:
+            spec = self.left.pop(sid, None)
+        if spec is not None:
+            self.on_result(spec, m, error)
+
+    def finish(self, failures: dict[str, str]) -> None:
+        for sid in list(self.left):
+            err = failures.get(sid)
+            m = None if err else read_manifest(self.job.root, self.job.stage.name, sid)
+            self._report(sid, m, err or (None if m else "no manifest after the shard ran"))
 
 
 def pending(stage: Stage, root: DataRoot, cfg: Any, force: bool) -> tuple[list[ShardSpec], list[str]]:

@@ -54,3 +54,27 @@ def test_shard_timeout_stops_and_fails_the_shard(root):
     assert read_manifest(root, "toy", "001") is None
     assert not root.glob("toy/001.parquet*")  # its temp output was cleaned up, nothing committed
     assert len(list_manifests(root, "toy")) == 3
+
+
+@pytest.mark.slow
+def test_beam_path_applies_the_same_policy_and_reports_progress_per_shard(root, tmp_path):
+    from pipelines.core.progress import Snapshot
+    from tests.pipelines.core.toy_stage import ToyBeamStage, ToyConfig
+
+    stamps: list[tuple[float, Snapshot]] = []
+
+    class Sink:
+        def update(self, snap):
+            stamps.append((time.monotonic(), snap))
+
+        def close(self, snap):
+            pass
+
+    cfgs = {**toy_cfgs(RunConfig(retries=1, shard_timeout_s=4.0)),
+            "toy_beam": ToyConfig(shards=4, sleep_s=1.5, fail_times=1, hang="003",
+                                  trace=str(tmp_path))}
+    report = drive(ToyBeamStage(), root, cfgs, InProcess(), sinks=[Sink()])
+    assert report.ran == ["000", "001", "002"] and set(report.failed) == {"003"}
+    attempts = {s: len((tmp_path / f"{s}.attempts").read_text().split()) for s in ("000", "003")}
+    assert "ShardTimeout" in report.failed["003"] and attempts == {"000": 2, "003": 1}
+    assert stamps[-1][0] - stamps[0][0] > 3  # shards reported as they committed, not at the end

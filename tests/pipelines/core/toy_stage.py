@@ -20,8 +20,9 @@ class ToyConfig(StageConfig):
     sleep_s: float = 0.3
     fail_times: int = 0  # every shard raises on its first `fail_times` attempts
     hang: str = ""  # this shard loops (pure Python) for 60 s unless stopped
+    trace: str = ""  # a folder: one line per attempt in <shard>.attempts (seen across processes)
 
-    EXECUTION_FIELDS = frozenset({"sleep_s", "fail_times", "hang"})
+    EXECUTION_FIELDS = frozenset({"sleep_s", "fail_times", "hang", "trace"})
 
 
 class Counters:
@@ -50,6 +51,10 @@ class ToyStage(Stage):
         with Counters.lock:
             Counters.attempts[sid] += 1
             n = Counters.attempts[sid]
+            if ctx.cfg.trace:  # Beam workers may be other processes: count in files
+                with open(f"{ctx.cfg.trace}/{sid}.attempts", "a") as f:
+                    f.write("x\n")
+                n = len(open(f"{ctx.cfg.trace}/{sid}.attempts").readlines())
             Counters.running += 1
             Counters.max_running = max(Counters.max_running, Counters.running)
         try:
@@ -75,3 +80,10 @@ class ToyStage(Stage):
 
 def toy_cfgs(run: RunConfig | None = None, **toy) -> dict:
     return {"run": run or RunConfig(), "beam": BeamConfig(), "toy": ToyConfig(**toy)}
+
+
+class ToyBeamStage(ToyStage):
+    """The same toy, run as a Beam pipeline (DirectRunner, in this process)."""
+
+    name = "toy-beam"
+    engine = "beam"
