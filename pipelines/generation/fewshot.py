@@ -109,11 +109,21 @@ def memory_by_entity(bench: Workbench, names: set[str]) -> dict[str, list[str]]:
     return out
 
 
-def make_tasks(bench: Workbench, split: Split, cfg: FewShotConfig) -> list[Task]:
-    """Random entity pairs among entities with a test image and >= 2 memory documents."""
+def eligible(docs: dict[str, list[str]], names: list[str], k: int) -> tuple[list[str], int]:
+    """Entities with >= k memory documents (each pass its own demonstration) when at least 8
+    have them, else those with >= 2 (demonstrations then cycle); and that minimum."""
+    for need in (max(k, 2), 2):
+        ok = sorted(n for n in names if len(docs.get(n, [])) >= need)
+        if len(ok) >= 8 or need == 2:
+            return ok, need
+    return [], 2
+
+
+def make_tasks(bench: Workbench, split: Split, cfg: FewShotConfig) -> tuple[list[Task], int]:
+    """Random entity pairs among entities with a test image and enough memory documents."""
     rng = np.random.default_rng(cfg.seed)
     docs = memory_by_entity(bench, set(split.images))
-    names = sorted(n for n in split.images if len(docs.get(n, [])) >= 2)
+    names, need = eligible(docs, sorted(split.images), max(cfg.ks))
     if len(names) < 2:
         raise ValueError(f"only {len(names)} entities of {split.path} have a test image and 2 "
                          f"memory documents: classification needs 2")
@@ -125,7 +135,7 @@ def make_tasks(bench: Workbench, split: Split, cfg: FewShotConfig) -> list[Task]
                      for n in (a, b))
         w = rng.choice(len(WORDS), 2, replace=False)
         tasks.append(Task((a, b), (codes[a], codes[b]), demo, (WORDS[w[0]], WORDS[w[1]])))  # type: ignore[arg-type]
-    return tasks
+    return tasks, need
 
 
 def task_passes(bench: Workbench, task: Task, labels: tuple[str, str], k: int, cfg: FewShotConfig,
@@ -163,7 +173,7 @@ def run_fewshot(root: DataRoot, cfg: FewShotConfig) -> dict[str, Any]:
     """{"split", "tasks", "ks", "accuracy": {variant: {"semantic"|"non-semantic": {k: acc}}}}."""
     bench = load_workbench(root, cfg.variants, cfg.device)
     split = read_entity_split(root, cfg.coco)
-    tasks = make_tasks(bench, split, cfg)
+    tasks, need = make_tasks(bench, split, cfg)
     acc: dict[str, dict[str, dict[int, float]]] = {}
     for variant in cfg.variants:
         b = bench.use(variant)
@@ -172,6 +182,7 @@ def run_fewshot(root: DataRoot, cfg: FewShotConfig) -> dict[str, Any]:
         log.info("few-shot %s: %s", variant, acc[variant])
     return {"split": root.rel(split.path),
             "tasks": len(tasks), "queries": 2 * len(tasks), "ks": list(cfg.ks),
+            "min_memory_docs": need,
             "template": cfg.template, "accuracy": acc}
 
 
@@ -179,7 +190,8 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown: one row per (model, labels), one column per k."""
     ks = result["ks"]
     lines = [f"few-shot binary classification, {result['queries']} queries "
-             f"({result['tasks']} entity pairs) from {result['split']}", "",
+             f"({result['tasks']} entity pairs, >= {result.get('min_memory_docs', 2)} memory "
+             f"documents each) from {result['split']}", "",
              "| model | labels | " + " | ".join(f"k={k}" for k in ks) + " |",
              "|---|---|" + "---|" * len(ks)]
     for variant, by_labels in result["accuracy"].items():
