@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.document import Vocab  # noqa: E402
-from model.sampling import sample  # noqa: E402
+from model.sampling import guide, pick, sample  # noqa: E402
 from model.transformer import Transformer, preset  # noqa: E402
 from pipelines.evaluation.generate import (  # noqa: E402
     Sampling,
@@ -96,6 +96,28 @@ def best_of(runs: dict, repeat: int) -> dict[str, float]:
     return best
 
 
+@torch.no_grad()
+def guided_one_after_another(model: Transformer, branches: list, weight: float, n: int,
+                             max_new: int, allowed: range, gen: torch.Generator) -> torch.Tensor:
+    """The peer of the shared batch: caption guidance with each branch its own forward per step."""
+    keep = torch.zeros(model.cfg.vocab_size, dtype=torch.bool)
+    keep[list(allowed)] = True
+    state = []
+    for ids, pos in branches:
+        logits, cache = model(torch.tensor([ids] * n), torch.tensor([pos] * n))
+        state.append([logits[:, -1], cache, torch.tensor([[pos[-1] + 1]] * n)])
+    out = []
+    for _ in range(max_new):
+        logp = torch.stack([s[0].masked_fill(~keep, float("-inf")).log_softmax(-1) for s in state])
+        mixed = guide(logp, [weight]).masked_fill(~keep, float("-inf"))
+        nxt = pick(mixed, 1.0, 0, 0.9, gen)
+        out.append(nxt)
+        for s in state:
+            logits, s[1] = model(nxt, s[2], s[1])
+            s[0], s[2] = logits[:, -1], s[2] + 1
+    return torch.cat(out, 1)
+
+
 def per_second(model: Transformer, vocab: Vocab, caption: list[int], docs: list, args) -> None:
     """Images/s and captions/s as `racm3 generate` samples them (KV cache, top-p 0.9)."""
     grid = int(args.new ** 0.5)
@@ -108,6 +130,9 @@ def per_second(model: Transformer, vocab: Vocab, caption: list[int], docs: list,
     runs = {"images, no guidance": images(Guidance()),
             "images, caption guidance": images(Guidance(caption=3.0)),
             "images, caption + document guidance": images(Guidance(caption=3.0, documents=1.0)),
+            "images, caption guidance, branches one after another": lambda: guided_one_after_another(
+                model, [text_to_image_prompt(vocab, caption, docs), text_to_image_prompt(vocab, [], docs)],
+                3.0, args.batch, grid * grid, range(vocab.image_offset, vocab.size), gen),
             "captions (24 tokens)": lambda: generate_captions(
                 model, vocab, image, args.batch, 24, docs, params, gen)}
     assert len(generate_images(model, vocab, caption, grid, 2, docs, params, gen)) == 2
@@ -115,10 +140,12 @@ def per_second(model: Transformer, vocab: Vocab, caption: list[int], docs: list,
     print(f"per output, batch {args.batch}, {grid}x{grid} image tokens, {len(docs)} documents in context:")
     for name, t in best.items():
         unit = "captions" if name.startswith("captions") else "images"
-        print(f"  {name:36s} {args.batch / t:8.2f} {unit}/s")
+        print(f"  {name:53s} {args.batch / t:8.2f} {unit}/s")
     plain = best["images, no guidance"]
     print(f"  cost of caption guidance (2 branches, one batch): {best['images, caption guidance'] / plain:.2f}x; "
-          f"caption + documents (3 branches): {best['images, caption + document guidance'] / plain:.2f}x")
+          f"caption + documents (3 branches): {best['images, caption + document guidance'] / plain:.2f}x; "
+          f"caption guidance with the branches one after another (the peer): "
+          f"{best['images, caption guidance, branches one after another'] / plain:.2f}x")
 
 
 if __name__ == "__main__":
