@@ -23,6 +23,7 @@ class EvaluateConfig(StageConfig):
     batch_images: int = 16  # images read, encoded and retrieved together (bounds memory)
     name: str = ""  # output shard: evaluate/<name> and its parts `<name>-<start>-<stop>` ("" = main): one per ablation
     context_modality: str = "mixed"  # retrieved documents in context: "mixed" (caption + image), "text" or "image" only (Table 5)
+    generate: bool = True  # sample and rerank (FID-type, KID, CLIP score, CIDEr-D); false: perplexities only (ablations)
     random_context: bool = False  # ablation: random memory documents instead of retrieved ones at inference (Table 5)
     ra_checkpoint: str = "ra-cm3"  # train/<name>.pt evaluated as RA-CM3 (ablation variants have their own)
     vanilla_checkpoint: str = "vanilla"  # train/<name>.pt evaluated as vanilla CM3

@@ -173,10 +173,11 @@ def perplexities(setup: Setup, ex: Example, k: int, modality: str = "mixed") -> 
 def run_example(setup: Setup, ex: Example, cfg: Any) -> None:
     """Everything one image needs, seeded by its position in the split (sharding-independent)."""
     device = next(setup.models["ra-cm3"].parameters()).device
-    for j, variant in enumerate(GENERATORS):
+    for j, variant in enumerate(GENERATORS if cfg.generate else ()):
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + ex.item.position * 2 + j)
         caption_to_image(setup, ex, variant, cfg, gen)
         image_to_caption(setup, ex, variant, cfg, gen)
-    retrieval_baseline(setup, ex)
+    if cfg.generate:
+        retrieval_baseline(setup, ex)
     with torch.no_grad():
         perplexities(setup, ex, cfg.k, cfg.context_modality)

@@ -89,7 +89,8 @@ class EvaluatePartStage(Stage):
             if cache.get("key") != key:
                 setup = lineage.load_setup(ctx.root, cfg)
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
-                cache.update(key=key, setup=setup, judge=judge(ctx.root, setup, cfg),
+                cache.update(key=key, setup=setup,
+                             judge=judge(ctx.root, setup, cfg) if cfg.generate else None,
                              guard=guard.split_exclusions(ctx.root, setup.retriever, full, cfg))
             setup, fx, grd = cache["setup"], cache["judge"], cache["guard"]
         index = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
@@ -104,8 +105,8 @@ class EvaluatePartStage(Stage):
                 examples.append(ex)
         counts = dict(index.counts) | {"usable_images": len(examples)}
         part = records.Part([records.image_record(ex) for ex in examples],
-                            records.features_of(examples, fx.extract), counts, grd["summary"],
-                            show, fx.metric)
+                            records.features_of(examples, fx.extract) if fx else {}, counts,
+                            grd["summary"], show, fx.metric if fx else "")
         records.write_part(ctx.root, ctx.output_path("json"), ctx.output_path("npz"), part)
         skipped = {k.removeprefix("skipped_"): v for k, v in counts.items()
                    if k in records.IMAGE_SKIPS and v}

@@ -25,9 +25,11 @@ PPL = {"image ppl": ("image", ""), "text ppl": ("text", ""),
 
 def image_stats(part: Part, model: str) -> dict[str, Stat]:
     """FID-type and KID over the rows where the model made an image; the CLIP score mean."""
-    gen, real = part.features[model], part.features["real"]
-    ok = ~np.isnan(gen).any(axis=1)
     out: dict[str, Stat] = {}
+    gen, real = part.features.get(model), part.features.get("real")
+    if gen is None or real is None:  # perplexity-only run (evaluate.generate = false)
+        return out
+    ok = ~np.isnan(gen).any(axis=1)
     if ok.sum() >= 2:
         kgg, krr, kgr = polynomial_kernel(np.nan_to_num(gen), np.nan_to_num(gen)), \
             polynomial_kernel(real, real), polynomial_kernel(np.nan_to_num(gen), real)
@@ -82,8 +84,8 @@ def model_stats(part: Part, model: str) -> dict[str, Stat]:
 
 
 def counts_of(part: Part, model: str) -> dict[str, int]:
-    out = {"caption_to_image_n": int((~np.isnan(part.features[model]).any(axis=1)).sum())
-           if len(part.images) else 0,
+    gen = part.features.get(model)
+    out = {"caption_to_image_n": int((~np.isnan(gen).any(axis=1)).sum()) if gen is not None else 0,
            "image_to_caption_n": sum(model in r["captions"] for r in part.images)}
     if model != "retrieval-baseline":
         out["perplexity_n"] = sum(model in r["nll"] for r in part.images)
