@@ -8,6 +8,7 @@ import os
 QUIET = ("httpx", "faiss.loader", "apache_beam", "distributed", "urllib3", "PIL", "matplotlib")
 LIGHTNING = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 TIP = "💡 Tip"
+NOISE = ("apitools not found",)  # Beam's GCP extras, absent by design, warned at every import
 
 
 class DropChatter(logging.Filter):
@@ -20,7 +21,8 @@ class DropChatter(logging.Filter):
         self.verbose = verbose
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if TIP in str(record.msg):
+        msg = str(record.msg)
+        if TIP in msg or any(n in msg for n in NOISE):
             return False
         if record.levelno >= logging.WARNING or self.verbose:
             return True

@@ -57,16 +57,17 @@ class LogLines:
     """Periodic log lines (no terminal: CI logs, Prefect workers, redirected output)."""
 
     def __init__(self, every_s: float = LOG_EVERY_S):
-        self.every_s, self.last = every_s, 0.0
+        self.every_s, self.last, self.shown = every_s, 0.0, -1
 
     def update(self, snap: Snapshot) -> None:
         now = time.monotonic()
         if now - self.last >= self.every_s:
-            self.last = now
+            self.last, self.shown = now, snap.done + snap.failed
             log.info("%s", snap.line())
 
     def close(self, snap: Snapshot) -> None:
-        log.info("%s", snap.line())
+        if snap.done + snap.failed != self.shown:  # the final count, unless just shown
+            log.info("%s", snap.line())
 
 
 class RichBar:

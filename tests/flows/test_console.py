@@ -18,6 +18,7 @@ def test_chatter_dropped_warnings_kept():
                                path="/venv/site-packages/open_clip/factory.py"))
     assert not f.filter(record("lightning.pytorch.utilities.rank_zero", "GPU available: False"))
     assert f.filter(record("lightning.pytorch", "bad", logging.WARNING))
+    assert not f.filter(record("root", "apitools not found, and bigquery ...", logging.WARNING))
     assert f.filter(record("racm3", "filter: 1/2 shards, 40 rows"))
     assert DropChatter(verbose=True).filter(record("lightning.pytorch", "GPU available: False"))
     assert not DropChatter(verbose=True).filter(record("lightning.pytorch", "💡 Tip: x"))
