@@ -109,3 +109,15 @@ def test_second_cli_run_exits_2_naming_the_holder(small_demo, capsys):
 def cells(out: str) -> list[str]:
     line = next(x for x in out.splitlines() if x.strip("│ ").startswith("filter"))
     return [c.strip() for c in line.split("│") if c.strip()]
+
+
+def test_object_store_path_uses_conditional_create():
+    """Non-local roots go through fsspec `pipe_file(mode="create")` (s3fs: IfNoneMatch="*")."""
+    mem = DataRoot("memory://racm3-lease-test", owner="aa")
+    other = DataRoot("memory://racm3-lease-test", owner="bb")
+    with stage_lease(mem, "s", RunConfig()):
+        with pytest.raises(LeaseHeld, match="owner aa"):
+            with stage_lease(other, "s", RunConfig()):
+                pass
+    with stage_lease(other, "s", RunConfig()) as lease:
+        assert lease.owner == "bb"
