@@ -43,3 +43,16 @@ def test_max_images_and_ranges_stream_the_same_entries(root):
     assert [e.image_id for e in index.entries] == [0, 1, 2]
     parts = [it.entry.image_id for s in (0, 2) for it in iter_images(root, index, s, s + 2)]
     assert parts == [0, 1, 2] and index.counts["skipped_missing_image"] == 0
+
+
+def test_chunked_recall_equals_the_full_matrix_recall():
+    import numpy as np
+
+    from pipelines.retrieval.recall_metrics import chunked_recall, recall
+
+    rng = np.random.default_rng(0)
+    q, mem = rng.normal(size=(50, 8)), rng.normal(size=(30, 8))
+    mem[5] = mem[6]  # a tie: both orders must break it the same way
+    q_owner, m_owner = rng.integers(0, 10, 50), rng.integers(0, 10, 30)
+    full = recall(q @ mem.T, q_owner[:, None] == m_owner[None, :], (1, 3, 5))
+    assert chunked_recall(q, q_owner, mem, m_owner, (1, 3, 5), chunk=7) == full
