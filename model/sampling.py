@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from model.transformer import KVCache, Transformer, rotary
+from model.transformer import Attention, Block, KVCache, Transformer, rotary
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -111,7 +112,7 @@ def masked_forward(model: Transformer, ids: torch.Tensor, positions: torch.Tenso
     mask = attention_mask(valid, ids.shape[1])  # (B, 1, T, S), built once for every layer
     x = model.embed(ids)  # (B, T, C)
     new_cache: KVCache = []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(cast(list[Block], list(model.blocks))):
         a, kv = masked_attention(block.attn, block.ln1(x), positions, mask,
                                  None if cache is None else cache[i])
         x = x + a
@@ -131,7 +132,7 @@ def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | itself[None])[:, None]
 
 
-def masked_attention(attn: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
+def masked_attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor,
                      mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`model.transformer.Attention.forward` with an explicit mask (attention dropout off: eval)."""

@@ -52,6 +52,13 @@ class ControlCase:
     steered: list[Image.Image] = field(default_factory=list)  # context: style doc, then entity doc
 
 
+def image_of(bench: Workbench, key: str) -> Image.Image:
+    image = bench.parts(bench.memory[key])[1]
+    if image is None:
+        raise ValueError(f"memory document {key} has no image")
+    return image
+
+
 def pick_cases(bench: Workbench, entity_keys: dict[str, list[str]], n_cases: int,
                seed: int) -> list[tuple[str, str, str, str]]:
     """(entity name, entity key, style key, target background) with the style document showing a
@@ -59,18 +66,18 @@ def pick_cases(bench: Workbench, entity_keys: dict[str, list[str]], n_cases: int
     rng = np.random.default_rng(seed)
     keys = sorted(k for ks in entity_keys.values() for k in ks)
     names = sorted(entity_keys)
-    cases = []
+    cases: list[tuple[str, str, str, str]] = []
     for i in rng.permutation(len(names)):
         if len(cases) == n_cases:
             break
         name = names[i]
         ent = entity_keys[name][0]
-        own = background(bench.parts(bench.memory[ent])[1])
+        own = background(image_of(bench, ent))
         for j in rng.permutation(len(keys))[:20]:
             style = keys[j]
             if style in entity_keys[name]:
                 continue
-            bg = background(bench.parts(bench.memory[style])[1])
+            bg = background(image_of(bench, style))
             if bg != own:
                 cases.append((name, ent, style, bg))
                 break

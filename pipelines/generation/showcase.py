@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.evaluation.fid import clip_extractor, frechet_distance
 from pipelines.evaluation.generate import Sampling
-from pipelines.generation.controlled import background_control
+from pipelines.generation.controlled import background_control, image_of
 from pipelines.generation.fewshot import Split, memory_by_entity, read_entity_split
 from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
@@ -82,7 +82,7 @@ def infill_study(bench: Workbench, split: Split, names: list[str], cfg: Showcase
                  box: Box) -> tuple[dict[str, float], list[list[Image.Image]]]:
     """Share of box tokens equal to the true image's tokens, per variant; picture rows."""
     gen = torch.Generator(bench.device).manual_seed(cfg.seed)
-    match = {v: [] for v in VARIANTS}
+    match: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rows = []
     inside = box.inside(bench.grid)
     for i, name in enumerate(names):
@@ -138,7 +138,7 @@ def controlled_study(bench: Workbench, split: Split, cfg: ShowcaseConfig
                                           samples=cfg.samples, seed=cfg.seed)
         shares[v] = share
         if v == "ra-cm3":
-            rows = [[bench.parts(bench.memory[c.entity_key])[1], bench.parts(bench.memory[c.style_key])[1],
+            rows = [[image_of(bench, c.entity_key), image_of(bench, c.style_key),
                      c.plain[0], c.steered[0]] for c in cases[: cfg.shown]]
     return shares, rows
 
