@@ -37,6 +37,7 @@ class Hostile(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     files: dict[str, bytes] = {}
+    hosts_seen: list[str] = []  # Host headers received (the name, while the socket used the IP)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
@@ -55,6 +56,7 @@ class Hostile(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         p = self.path
         other = getattr(self.server, "other", "")
+        self.hosts_seen.append(self.headers.get("Host", ""))
         try:
             if p in self.files:
                 self._send(200, self.files[p], {"Content-Type": "image/jpeg"})
@@ -110,6 +112,57 @@ class Hostile(BaseHTTPRequestHandler):
                 self._send(404, b"not found")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up, as it should
+
+
+def self_signed(directory: str, name: str) -> tuple[str, str]:
+    """(cert file, key file) of a self-signed certificate for DNS name `name`."""
+    import datetime
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    with open(cert_file, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@contextlib.contextmanager
+def tls_server(files: dict[str, bytes], cert_file: str, key_file: str
+               ) -> Iterator[tuple[int, list[str]]]:
+    """(port, SNI names seen) of an HTTPS `Hostile` server on 127.0.0.1."""
+    import ssl
+
+    sni: list[str] = []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.sni_callback = lambda sock, name, _ctx: sni.append(name or "")  # type: ignore[assignment,misc]
+    Hostile.files = files
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], sni
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @contextlib.contextmanager

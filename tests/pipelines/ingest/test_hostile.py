@@ -37,6 +37,7 @@ FAKE_DNS = {  # test host name -> the address it "resolves" to
     "multicast.test": "224.0.0.1",
     "zero.test": "0.0.0.0",
     "public.test": "93.184.216.34",  # allowed by policy: the connect is attempted, and stopped here
+    "tls.test": "127.0.0.1",  # the HTTPS test server, by name (allow-listed there)
 }
 
 # (URL or path on the first server, expected download status, words the error must contain)
@@ -234,6 +235,34 @@ def test_allow_list_is_the_one_way_through(tmp_path, guarded_network):
         other_port = NetPolicy(("127.0.0.1:1",))  # the host with another port is not allowed
         with pytest.raises(Refused, match="loopback"):
             fetch(f"{base}/ok.jpg", other_port, FetchLimits(), deadline)
+    assert guarded_network == []
+
+
+def test_https_connects_by_ip_with_the_name_in_sni_and_host(tmp_path, monkeypatch, guarded_network):
+    """TLS goes to the checked IP, verifies the certificate for the URL's name (SNI), and the
+    URL deadline holds inside TLS reads too."""
+    import ssl
+
+    from pipelines.ingest import fetch as fetch_mod
+    from pipelines.ingest.fetch import FetchLimits, Refused, fetch
+    from tests.pipelines.ingest.hostile_server import Hostile, self_signed, tls_server
+
+    cert, key = self_signed(str(tmp_path), "tls.test")
+    policy = NetPolicy(("tls.test",))
+    with tls_server(FILES, cert, key) as (port, sni):
+        url = f"https://tls.test:{port}"
+        with pytest.raises(Refused, match="CERTIFICATE_VERIFY_FAILED"):  # the system trust store
+            fetch(f"{url}/ok.jpg", policy, FetchLimits(), time.monotonic() + 5)
+        trusting = ssl.create_default_context(cafile=cert)
+        trusting.sslsocket_class = fetch_mod.DeadlineSSLSocket
+        monkeypatch.setattr(fetch_mod, "_TLS", trusting)
+        Hostile.hosts_seen.clear()
+        assert fetch(f"{url}/ok.jpg", policy, FetchLimits(), time.monotonic() + 5) == FILES["/ok.jpg"]
+        assert sni[-1] == "tls.test" and Hostile.hosts_seen == [f"tls.test:{port}"]
+        t0 = time.monotonic()
+        with pytest.raises(Refused) as e:
+            fetch(f"{url}/drip", policy, FetchLimits(), time.monotonic() + 2)
+        assert e.value.status == "timeout" and time.monotonic() - t0 < 3.5
     assert guarded_network == []
 
 
