@@ -1,10 +1,12 @@
 """Benchmark: Lightning training loop vs a plain PyTorch loop (same model, batches, optimizer),
-and the data loader's sequences/s vs what a training step consumes.
+the block-diagonal mask's cost (plain loop with vs without it), and the data loader's
+sequences/s vs what a training step consumes.
 
     python benchmarks/bench_train.py [--steps 20] [--batch-size 16] [--model demo] [--device cpu]
 
-Prints tokens/s of both loops (alternating runs, median), their ratio (goal >= 0.9x), peak
-memory, and sequences/s assembled (retrieval prepending + masking + packing) vs consumed.
+Prints tokens/s of each loop (alternating runs, median): Lightning / plain (both with the block
+mask, as training runs; goal >= 0.9x), masked / unmasked plain (the mask's cost), peak memory,
+and sequences/s assembled (retrieval prepending + masking + packing) vs consumed.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def autocast(device: str):
     return torch.autocast("cpu", enabled=False)
 
 
-def plain_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str) -> float:
+def plain_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str,
+               block_mask: bool = True) -> float:
     """Seconds for the optimizer steps of a hand-written loop (after one warm-up step)."""
     torch.manual_seed(0)
     model = Transformer(model_cfg).to(device)
@@ -76,7 +79,7 @@ def plain_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str) -> 
             sync(device)
             t0 = time.perf_counter()
         with autocast(device):
-            loss = sequence_losses(model, to_device(batch, device))["loss"]
+            loss = sequence_losses(model, to_device(batch, device), block_mask)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -154,20 +157,27 @@ def main() -> None:
     asm = AssemblyConfig(seq_len=seq_len)
     model_cfg = preset(args.model, corpus.vocab.size, max_seq_len=max(seq_len, 1024))
     train_cfg = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.98, "warmup_steps": 5,
-                 "max_steps": args.steps + 1}
+                 "max_steps": args.steps + 1, "block_mask": True}
     batches = make_batches(corpus, asm, args.steps + 1, args.batch_size)
     tokens = args.steps * args.batch_size * seq_len
     print(f"model {args.model} ({Transformer(model_cfg).num_params() / 1e6:.2f}M params), "
           f"device {args.device}, threads {torch.get_num_threads()}, seq_len {seq_len}, "
           f"batch {args.batch_size}, {args.steps} timed steps x {args.repeats} alternating runs")
-    plain, light = [], []
+    plain, light, unmasked = [], [], []
     for _ in range(args.repeats):
         plain.append(tokens / plain_loop(model_cfg, train_cfg, batches, args.device))
         light.append(tokens / lightning_loop(model_cfg, train_cfg, batches, args.device))
-    p_med, l_med = statistics.median(plain), statistics.median(light)
-    print(f"plain PyTorch loop : {p_med:10.0f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in plain)})")
-    print(f"Lightning loop     : {l_med:10.0f} tokens/s  (runs: {', '.join(f'{x:.0f}' for x in light)})")
+        unmasked.append(tokens / plain_loop(model_cfg, train_cfg, batches, args.device, False))
+    p_med, l_med, u_med = (statistics.median(x) for x in (plain, light, unmasked))
+
+    def runs(xs: list[float]) -> str:
+        return ", ".join(f"{x:.0f}" for x in xs)
+
+    print(f"plain loop, block mask   : {p_med:10.0f} tokens/s  (runs: {runs(plain)})")
+    print(f"Lightning, block mask    : {l_med:10.0f} tokens/s  (runs: {runs(light)})")
+    print(f"plain loop, no mask (old): {u_med:10.0f} tokens/s  (runs: {runs(unmasked)})")
     print(f"ratio Lightning / plain: {l_med / p_med:.3f}x  (goal >= 0.9x)")
+    print(f"ratio block mask / no mask (plain loop): {p_med / u_med:.3f}x  (the mask's cost)")
     print(f"peak memory: {peak_memory_mb(args.device):.0f} MiB "
           f"({'CUDA allocated' if args.device == 'cuda' else 'process RSS'})")
     rate = loader_rate(corpus, asm, max(5, args.steps), args.batch_size)

@@ -20,7 +20,7 @@ import numpy as np
 from model.document import Vocab
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.training.sequences import NEIGHBOUR_LINEAGE, TOKEN_LINEAGE, shard_lineage
+from pipelines.training.lineage import NEIGHBOUR_LINEAGE, TOKEN_LINEAGE, shard_lineage
 from pipelines.training.token_store import (
     STAGE,
     fixed_width,

@@ -21,18 +21,24 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from model.document import EOS, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
+
+# Lineage helpers live in a torch-free module; re-exported here, where callers import them from.
+from pipelines.training.lineage import (  # noqa: F401
+    NEIGHBOUR_LINEAGE,
+    QUERIES,
+    TOKEN_LINEAGE,
+    LineageError,
+    check_pins,
+    same_lineage,
+    shard_lineage,
+)
 from storage.fs import DataRoot
-from storage.manifest import Manifest, list_manifests
+from storage.manifest import list_manifests
 from storage.shards import read_table
 
 log = logging.getLogger(__name__)
 
 ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequence
-QUERIES = ("text", "image")  # which part of x was the retrieval query (§3.4)
-
-
-class LineageError(ValueError):
-    """Token or neighbour shards that do not belong together (another codebook, index or vocab)."""
 
 
 @dataclass(frozen=True)
@@ -474,34 +480,6 @@ def collate(seqs: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- reading shards
 
 
-def shard_lineage(m: Manifest, fields: tuple[str, ...]) -> dict[str, Any]:
-    """Lineage fields of a manifest, looked up in its metrics then its params."""
-    found = {f: m.metrics.get(f, m.params.get(f)) for f in fields}
-    missing = [f for f, v in found.items() if v is None]
-    if missing:
-        raise LineageError(f"{m.stage}/{m.shard_id} manifest records no {', '.join(missing)}; "
-                           f"re-run `racm3 run {m.stage}` with the current code")
-    return found
-
-
-def same_lineage(manifests: list[Manifest], fields: tuple[str, ...]) -> dict[str, Any]:
-    """The shared lineage of shards, or a LineageError naming two shards that disagree."""
-    first = shard_lineage(manifests[0], fields)
-    for m in manifests[1:]:
-        other = shard_lineage(m, fields)
-        if other != first:
-            diff = next(f for f in fields if other[f] != first[f])
-            raise LineageError(
-                f"{m.stage} shards disagree on {diff}: {manifests[0].shard_id} has "
-                f"{first[diff]!r}, {m.shard_id} has {other[diff]!r}; re-run `racm3 run {m.stage}` "
-                f"so every shard comes from the same {diff}")
-    return first
-
-
-TOKEN_LINEAGE = ("codebook", "text_tokenizer", "n_text", "n_image")
-NEIGHBOUR_LINEAGE = ("index_fingerprint", "encoder")
-
-
 def load_tokens(root: DataRoot) -> tuple[Vocab, dict[str, np.ndarray], dict[str, Any]]:
     """Every token shard's documents encoded in the CM3 format, and their shared lineage."""
     manifests = sorted(list_manifests(root, "tokenize"), key=lambda m: m.shard_id)
@@ -533,15 +511,6 @@ def load_neighbours(root: DataRoot) -> tuple[dict[str, dict[tuple[str, int], lis
         for key, q, v, nks in zip(t["key"], t["query"], t["variant"], t["neighbor_keys"], strict=True):
             table.setdefault(key, {})[(q, int(v))] = list(nks)
     return table, {**lineage, "neighbour_shards": len(manifests)}
-
-
-def check_pins(lineage: dict[str, Any], pins: dict[str, str]) -> None:
-    """Refuse shards whose lineage differs from a value pinned in config (e.g. a checkpoint's)."""
-    for name, want in pins.items():
-        if want and lineage.get(name) != want:
-            raise LineageError(f"{name} is {lineage.get(name)!r} but {want!r} is required; the "
-                               f"shards were made with another {name}: re-run the upstream stages "
-                               f"or change the pinned value")
 
 
 def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None,

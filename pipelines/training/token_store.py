@@ -23,8 +23,10 @@ a training process holds no per-document Python object (RSS independent of the c
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import mmap
 import os
 import posixpath
 import tempfile
@@ -37,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.document import Vocab
-from pipelines.training.sequences import (
+from pipelines.training.lineage import (
     NEIGHBOUR_LINEAGE,
     QUERIES,
     TOKEN_LINEAGE,
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 STAGE = "pack"
 TOKEN_FILES = ("tokens.npy", "offsets.npy", "keys.npy", "holdout.npy", "keys.parquet")
 NEIGHBOUR_FILES = ("doc.npy", "query.npy", "variant.npy", "offsets.npy", "nbr.npy")
+RELEASE_EVERY = 4096  # reads between madvise(DONTNEED) of the mappings (bounds resident pages)
 
 
 def token_part_id(shard_id: str) -> str:
@@ -202,66 +205,65 @@ class StoreCorpus:
     neighbour_parts: list[Part] = field(default_factory=list)
     lineage: dict[str, Any] = field(default_factory=dict)
     holdout_fraction: float = 0.0
-    _maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    _maps: _Maps | None = field(default=None, repr=False)
+    _reads: int = field(default=0, repr=False)
 
     # -- arrays, opened lazily in each process
-    def _arrays(self) -> dict[str, np.ndarray]:
+    def _arrays(self) -> _Maps:
         if self._maps is None:
-            maps: dict[str, np.ndarray] = {}
-            for i, p in enumerate(self.parts):
-                for f in ("tokens", "offsets", "keys", "holdout"):
-                    maps[f"t{i}.{f}"] = np.load(p.file(f"{f}.npy"), mmap_mode="r")
-            for i, p in enumerate(self.neighbour_parts):
-                for f in ("doc", "query", "variant", "offsets", "nbr"):
-                    maps[f"n{i}.{f}"] = np.load(p.file(f"{f}.npy"), mmap_mode="r")
-            maps["starts"] = np.array([p.offset for p in self.parts], dtype=np.int64)
-            self._maps = maps
+            self._maps = _Maps(self.parts, self.neighbour_parts)
         return self._maps
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_reads": 0}
 
-    def _locate(self, i: int) -> tuple[int, int]:
-        a = self._arrays()
-        p = int(np.searchsorted(a["starts"], i, side="right")) - 1
-        return p, i - int(a["starts"][p])
+    def _touch(self) -> _Maps:
+        """Every RELEASE_EVERY reads, drop this process's mappings of the pages it has read
+        (MADV_DONTNEED: they stay in the shared page cache, a later read maps them again), so
+        the resident set holds a window of recent documents, not every page ever touched."""
+        self._reads += 1
+        maps = self._arrays()
+        if self._reads % RELEASE_EVERY == 0:
+            maps.release()
+        return maps
 
     # -- the DocSource interface of pipelines.training.sequences
     def n_items(self) -> int:
-        return sum(int(p.manifest.metrics["docs"]) for p in self.parts)
+        return self._arrays().n
 
     def item(self, i: int) -> int:
         return int(i)
 
     def doc(self, h: int) -> np.ndarray:
-        p, j = self._locate(h)
-        a = self._arrays()
-        off = a[f"t{p}.offsets"]
-        return np.array(a[f"t{p}.tokens"][off[j]:off[j + 1]])
+        maps = self._touch()
+        p, j = maps.locate(h)
+        tokens, offsets = maps.tokens[p], maps.offsets[p]
+        return np.array(tokens[offsets[j]:offsets[j + 1]])
 
     def has_doc(self, h: int) -> bool:
-        return 0 <= h < self.n_items()
+        return 0 <= h < self._arrays().n
 
     def is_held(self, h: int) -> bool:
         if self.holdout_fraction <= 0:
             return False
-        p, j = self._locate(h)
-        return int(self._arrays()[f"t{p}.holdout"][j]) / 2**64 < self.holdout_fraction
+        maps = self._arrays()
+        p, j = maps.locate(h)
+        return int(maps.holdout[p][j]) / 2**64 < self.holdout_fraction
 
     def label(self, h: int) -> str:
-        p, j = self._locate(h)
-        return bytes(self._arrays()[f"t{p}.keys"][j]).decode()
+        maps = self._arrays()
+        p, j = maps.locate(h)
+        return bytes(maps.keys[p][j]).decode()
 
     def neighbour_lists(self, h: int) -> dict[tuple[str, int], list[int]] | None:
-        a = self._arrays()
+        maps = self._touch()
         out: dict[tuple[str, int], list[int]] = {}
-        for i in range(len(self.neighbour_parts)):
-            doc = a[f"n{i}.doc"]
-            lo, hi = np.searchsorted(doc, h, "left"), np.searchsorted(doc, h, "right")
-            off, nbr = a[f"n{i}.offsets"], a[f"n{i}.nbr"]
-            for r in range(int(lo), int(hi)):
-                q = QUERIES[int(a[f"n{i}.query"][r])]
-                out[(q, int(a[f"n{i}.variant"][r]))] = [int(x) for x in nbr[off[r]:off[r + 1]]]
+        for doc, query, variant, offsets, nbr, first, last in maps.neighbours:
+            if not first <= h <= last:  # parts cover id ranges: skip the others cheaply
+                continue
+            lo, hi = int(np.searchsorted(doc, h, "left")), int(np.searchsorted(doc, h, "right"))
+            for r in range(lo, hi):
+                out[(QUERIES[int(query[r])], int(variant[r]))] = nbr[offsets[r]:offsets[r + 1]].tolist()
         return out or None
 
     def longest(self) -> int:
@@ -269,11 +271,10 @@ class StoreCorpus:
 
     # -- tools and tests
     def key_to_id(self, key: str) -> int:
-        """Global id of a key (binary search per part; for tools and tests, not the hot path)."""
+        """Global id of a key (a scan per part; for tools and tests, not the hot path)."""
         want = key.encode()
-        a = self._arrays()
-        for p, part in enumerate(self.parts):
-            keys = a[f"t{p}.keys"]
+        maps = self._arrays()
+        for part, keys in zip(self.parts, maps.keys, strict=True):
             hits = np.flatnonzero(keys == want)
             if len(hits):
                 return part.offset + int(hits[0])
@@ -282,10 +283,49 @@ class StoreCorpus:
     def held_out_count(self) -> int:
         if self.holdout_fraction <= 0:
             return 0
-        a, n = self._arrays(), 0
-        for p in range(len(self.parts)):
-            n += int((a[f"t{p}.holdout"].astype(np.float64) / 2**64 < self.holdout_fraction).sum())
-        return n
+        return sum(int((h.astype(np.float64) / 2**64 < self.holdout_fraction).sum())
+                   for h in self._arrays().holdout)
+
+
+class _Maps:
+    """The parts' arrays in one process: memory maps (kept for madvise) and plain ndarray views
+    of them (indexing an ndarray is cheaper than indexing an np.memmap)."""
+
+    def __init__(self, parts: list[Part], neighbour_parts: list[Part]):
+        self.mmaps: list[np.memmap] = []
+
+        def load(part: Part, name: str) -> np.ndarray:
+            m = np.load(part.file(f"{name}.npy"), mmap_mode="r")
+            self.mmaps.append(m)
+            return np.asarray(m)
+
+        self.tokens = [load(p, "tokens") for p in parts]
+        self.offsets = [load(p, "offsets") for p in parts]
+        self.keys = [load(p, "keys") for p in parts]
+        self.holdout = [load(p, "holdout") for p in parts]
+        self.starts = [p.offset for p in parts]
+        self.n = sum(len(o) - 1 for o in self.offsets)
+        self.neighbours = []
+        for p in neighbour_parts:
+            doc = load(p, "doc")
+            first, last = (int(doc[0]), int(doc[-1])) if len(doc) else (1, 0)
+            self.neighbours.append((doc, load(p, "query"), load(p, "variant"),
+                                    load(p, "offsets"), load(p, "nbr"), first, last))
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(part, local id) of global id i."""
+        if len(self.starts) == 1:
+            return 0, i
+        p = bisect.bisect_right(self.starts, i) - 1
+        return p, i - self.starts[p]
+
+    def release(self) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for m in self.mmaps:
+            mm = getattr(m, "_mmap", None)
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
 
 
 def open_store(root: DataRoot, with_neighbours: bool, holdout_fraction: float = 0.0,
