@@ -1,4 +1,5 @@
-"""`racm3 ablate`: the paper's design analysis at demo scale (a Prefect flow; not part of the demo).
+"""`racm3 ablate` and `racm3 seeds`: the paper's design analysis at demo scale, and the demo over
+several seeds with mean ± sd per metric (Prefect flows; neither is part of `racm3 demo`).
 
 Table 5 (relevance: retrieved vs random documents at train and at inference; modality: text-only
 or image-only documents in context; diversity: top-K without the redundancy skip, no query
@@ -307,8 +308,85 @@ def ablate_flow(**kwargs: Any) -> list[dict[str, Any]]:
     return flow(name="racm3-ablate")(ablate_flow_fn)(**kwargs)
 
 
+# ---------------------------------------------------------------------------- seeds
+
+
+def seed_roots(data_root: str, seeds: list[int]) -> dict[int, str]:
+    return {s: os.path.join(data_root, f"seed-{s}") for s in seeds}
+
+
+def over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """mean, sd (n-1) and n over seeds of every model metric and paired difference."""
+    import numpy as np
+
+    values: dict[tuple[str, str], list[float]] = {}
+    for m in per_seed.values():
+        for model, d in m["models"].items():
+            for k, v in d.items():
+                if not k.endswith("_n"):
+                    values.setdefault((model, k), []).append(float(v))
+        for pair, d in (m.get("differences") or {}).items():
+            for k, v in d.items():
+                values.setdefault((pair, k), []).append(float(v["value"]))
+    out: dict[str, Any] = {}
+    for (group, k), vs in values.items():
+        arr = np.asarray(vs)
+        out.setdefault(group, {})[k] = {"mean": round(float(arr.mean()), 4), "n": len(vs),
+                                        "sd": round(float(arr.std(ddof=1)), 4) if len(vs) > 1 else None}
+    return out
+
+
+def seeds_markdown(summary: dict[str, Any], seeds: list[int]) -> str:
+    groups = list(summary)
+    names: list[str] = []
+    for g in groups:
+        names += [k for k in summary[g] if k not in names]
+    lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (test split):", "",
+             "| metric | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
+    for n in names:
+        cells = []
+        for g in groups:
+            c = summary[g].get(n)
+            cells.append("—" if c is None else f"{c['mean']:.4g}" + (f" ± {c['sd']:.2g}" if c["sd"] is not None else ""))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_run(data_root: str, seeds: list[int], preset: str = "demo", config_file: str | None = None,
+              overrides: list[str] | None = None, collect_only: bool = False) -> dict[str, Any]:
+    """`racm3 demo` once per seed (its own data root, seed-<s>), then mean ± sd over seeds."""
+    from flows.pipeline import demo_flow
+
+    roots = seed_roots(data_root, seeds)
+    per_seed = {}
+    for s, root in roots.items():
+        if not collect_only:
+            log.info("seeds: demo with seed %d in %s", s, root)
+            demo_flow(data_root=root, seed=s, preset=preset, config_file=config_file,
+                      overrides=overrides or [])
+        path = os.path.join(root, "evaluate", "main.metrics.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                per_seed[s] = json.load(f)
+    summary = {"seeds": sorted(per_seed), "over_seeds": over_seeds(per_seed)}
+    os.makedirs(data_root, exist_ok=True)
+    with open(os.path.join(data_root, "seeds.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(data_root, "seeds.md"), "w") as f:
+        f.write(seeds_markdown(summary["over_seeds"], summary["seeds"]) + "\n")
+    return summary
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from flows.cli import config_args, data_root_arg
+
+    p = sub.add_parser("seeds", help="the demo once per seed (data roots <data-root>/seed-<s>), "
+                       "then mean ± sd over seeds of every metric (seeds.md, seeds.json)")
+    data_root_arg(p)
+    config_args(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated demo seeds")
+    p.add_argument("--collect-only", action="store_true", help="only aggregate the seed roots")
+    p.set_defaults(run=cmd_seeds)
 
     p = sub.add_parser("ablate", help="Table 5, Table 6 and Fig 9 at demo scale (each variant "
                        "trains its own checkpoint); ablate/ablate.report.html")
@@ -328,4 +406,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     table = ablate_flow(data_root=args.data_root, preset=args.preset,
                         config_file=args.config_file, overrides=args.overrides, only=args.only)
     print(markdown(table))
+    return 0
+
+
+def cmd_seeds(args: argparse.Namespace) -> int:
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    summary = seeds_run(args.data_root, seeds, args.preset, args.config_file, args.overrides,
+                        args.collect_only)
+    print(seeds_markdown(summary["over_seeds"], summary["seeds"]))
     return 0

@@ -50,3 +50,16 @@ def test_every_variant_trains_its_own_checkpoint_and_is_evaluated(trained):  # n
     page = open(os.path.join(out, "ablate.report.html")).read()
     assert "<svg" in page and "Random at train &amp; infer" in page
     assert len(json.load(open(os.path.join(out, "table.json")))) == len(VARIANTS)
+
+
+def test_over_seeds_mean_and_sd():
+    from flows.ablate import over_seeds, seeds_markdown
+
+    per = {s: {"models": {"ra-cm3": {"image ppl": v, "perplexity_n": 4}},
+               "differences": {"ra-cm3 - vanilla": {"image ppl": {"value": -v / 10}}}}
+           for s, v in ((0, 2.0), (1, 4.0), (2, 6.0))}
+    out = over_seeds(per)
+    assert out["ra-cm3"]["image ppl"] == {"mean": 4.0, "sd": 2.0, "n": 3}
+    assert "perplexity_n" not in out["ra-cm3"]
+    assert out["ra-cm3 - vanilla"]["image ppl"]["mean"] == -0.4
+    assert "4 ± 2" in seeds_markdown(out, [0, 1, 2])
