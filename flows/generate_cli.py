@@ -34,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="classifier-free guidance weight of the caption (0 = off)")
     p.add_argument("--doc-guidance", type=float, default=0.0,
                    help="guidance weight of the in-context documents (0 = off)")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="caption -> image from K documents as an ensemble of 2-document passes")
     p.add_argument("--out", default="generated", help="output folder")
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=cmd_generate)
@@ -73,7 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   context_captions=tuple(args.context_caption), samples=args.samples,
                   seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                   max_caption_tokens=args.max_caption_tokens, guidance_caption=args.guidance,
-                  guidance_documents=args.doc_guidance, out=args.out, device=args.device)
+                  guidance_documents=args.doc_guidance, ensemble=args.ensemble, out=args.out,
+                  device=args.device)
     try:
         rec = generate(DataRoot(args.data_root), req)
     except (ValueError, KeyError) as e:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from pipelines.evaluation.generate import Sampling
+from pipelines.generation.ensemble import ensemble_images
 from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
 from pipelines.generation.page import Figure, Section, render
@@ -50,6 +51,7 @@ class Request:
     max_caption_tokens: int = 24
     guidance_caption: float = 0.0  # classifier-free guidance weight of the caption (0 = off)
     guidance_documents: float = 0.0  # guidance weight of the in-context documents (0 = off)
+    ensemble: int = 0  # caption -> image: this many documents as an ensemble of 2-document passes (0 = off)
     out: str = "generated"  # output folder
     device: str = "cpu"
 
@@ -69,6 +71,9 @@ class Request:
                              f"{len(self.context_captions)} --context-caption: give them in pairs")
         if self.samples < 1:
             raise ValueError("--samples must be >= 1")
+        if self.ensemble and (self.mode != "caption-to-image" or self.guidance_caption
+                              or self.guidance_documents):
+            raise ValueError("--ensemble is for caption -> image without guidance")
 
     @property
     def sampling(self) -> Sampling:
@@ -92,6 +97,7 @@ def resolve_context(bench: Workbench, req: Request, image: Image.Image | None) -
     if user.docs:
         return user
     k = req.k if req.k >= 0 else (0 if req.variant == "vanilla" else 2)
+    k = max(k, req.ensemble)
     if req.mode == "image-to-caption" and image is not None:
         keys = bench.retrieve_by_image(image, k)
     else:
@@ -115,6 +121,11 @@ def run(bench: Workbench, req: Request) -> tuple[Ranked, Context, Image.Image | 
         out = infill_images(bench.model, bench.vocab, bench.encode_caption(req.caption), codes,
                             bench.grid, box, req.samples, context.docs, req.sampling, gen)
         return rank_images(bench, out, req.caption), context, image
+    if req.ensemble:
+        codes = ensemble_images(bench.model, bench.vocab, bench.encode_caption(req.caption),
+                                bench.grid, req.samples, context.docs, req.ensemble, 2,
+                                req.sampling, gen)
+        return rank_images(bench, codes, req.caption), context, None
     guidance = Guidance(req.guidance_caption, req.guidance_documents)
     return caption_to_image(bench, req.caption, context, req.samples, req.sampling, guidance,
                             gen), context, None

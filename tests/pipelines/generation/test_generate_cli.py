@@ -41,6 +41,19 @@ def test_caption_to_image_retrieves_with_the_caption_and_writes_a_page(trained_r
     assert "page:" in capsys.readouterr().out
 
 
+def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
+    guided = run_cli(trained_root, "--caption", "a photo", "--samples", "2", "--guidance", "2",
+                     "--doc-guidance", "1", "--out", str(tmp_path / "g"))
+    assert len(guided["files"]) == 2 and guided["request"]["guidance_caption"] == 2
+    # named documents: the test CLIP is random, so the redundancy rules keep few retrieved ones
+    keys = sorted(load_workbench(trained_root).memory)[:4]
+    ens = run_cli(trained_root, "--caption", "a photo", "--samples", "2", "--ensemble", "4",
+                  "--context", *keys, "--out", str(tmp_path / "e"))
+    assert ens["context"] == keys and len(ens["files"]) == 2  # 4 documents: two passes
+    assert main(["generate", "--data-root", trained_root.path, "--caption", "x", "--ensemble", "4",
+                 "--guidance", "1", "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_image_to_caption_and_named_context(trained_root, tmp_path, prompt_image):
     bench = load_workbench(trained_root)
     keys = sorted(bench.memory)[:1]
