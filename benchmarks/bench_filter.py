@@ -1,9 +1,12 @@
-"""Benchmark: rows/s of the DuckDB filter on a synthetic 1M-row LAION-like table (and 250k, to show
-cost is linear). Prints throughput; asserts nothing."""
+"""Benchmark: rows/s and peak RSS of the DuckDB filter on a synthetic 1M-row LAION-like table and on
+250k rows: cost should be linear and memory flat (a shard reads only its rows). Each size runs in
+its own process so peak RSS is its own. Prints; asserts nothing."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import tempfile
 import time
 
@@ -28,28 +31,40 @@ def synthetic_metadata(path: str, n: int, seed: int = 0) -> None:
     }), path)
 
 
-def measure(n: int) -> float:
+def measure(n: int) -> tuple[float, float, float]:
+    """(rows/s, peak RSS MB, RSS MB before the run) of one filter run over n rows, in a fresh
+    process so its peak RSS is its own (the synthetic table is built here)."""
     with tempfile.TemporaryDirectory() as d:
         meta = f"{d}/meta.parquet"
         synthetic_metadata(meta, n)
-        cfgs = load_config("paper", overrides=[f"filter.metadata={meta}", "filter.shard_size=100000"])
-        t0 = time.perf_counter()
-        report = run_stage("filter", DataRoot(f"{d}/root"), cfgs)
-        dt = time.perf_counter() - t0
-        assert report.ok and report.rows_in == n
-        return n / dt
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_filter, (meta, f"{d}/root", n))
+
+
+def _filter(meta: str, root: str, n: int) -> tuple[float, float, float]:
+    cfgs = load_config("paper", overrides=[f"filter.metadata={meta}", "filter.shard_size=100000",
+                                          "run.shard_concurrency=2"])  # shards in flight: 2 at any size
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports of every stage
+    t0 = time.perf_counter()
+    report = run_stage("filter", DataRoot(root), cfgs)
+    dt = time.perf_counter() - t0
+    assert report.ok and report.rows_in == n
+    return n / dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=1_000_000)
     args = ap.parse_args()
-    small = measure(args.rows // 4)
-    big = measure(args.rows)
-    print(f"filter: {args.rows // 4:>9,} rows -> {small:,.0f} rows/s")
-    print(f"filter: {args.rows:>9,} rows -> {big:,.0f} rows/s")
+    small, small_rss, small_base = measure(args.rows // 4)
+    big, big_rss, big_base = measure(args.rows)
+    for n, rate, rss, base in ((args.rows // 4, small, small_rss, small_base),
+                               (args.rows, big, big_rss, big_base)):
+        print(f"filter: {n:>9,} rows -> {rate:,.0f} rows/s, peak RSS {rss:,.0f} MB "
+              f"({rss - base:,.0f} MB above the {base:,.0f} MB of imports)")
     print(f"filter: linearity (rows/s at 1x / rows/s at 0.25x) = {big / small:.2f} (1.0 = linear)")
-
+    print(f"filter: peak RSS above imports 1x / 0.25x = "
+          f"{(big_rss - big_base) / max(small_rss - small_base, 1):.2f} (1.0 = bounded by a shard)")
 
 if __name__ == "__main__":
     main()
