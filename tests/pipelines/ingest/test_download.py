@@ -111,7 +111,9 @@ def test_metadata_is_deterministic_by_seed(small_demo, tmp_path):
 
 
 def test_concurrent_shards_keep_stdout_and_stderr(served):
-    """img2dataset's resizer swaps fds 1/2 per image; concurrent shards must not leave /dev/null."""
+    """img2dataset's resizer dup2()s /dev/null over fds 1/2 per image, which broke the process
+    under concurrent shards; ours resizes without the swap and without a lock. Shards at once,
+    each with its own downloader and sharing one (a Beam worker), keep the fds and the rows."""
     import concurrent.futures
 
     from pipelines.core.registry import get_stage
@@ -119,13 +121,19 @@ def test_concurrent_shards_keep_stdout_and_stderr(served):
 
     root, cfgs, overrides = served
     run(root, overrides, "filter")
+    sequential = _rows(root) if run(root, overrides, "download").ok else None
     before = [os.fstat(fd).st_ino for fd in (1, 2)]
     stage = get_stage("download")
     specs = stage.plan(root, cfgs["download"])
     assert len(specs) >= 2
-    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-        list(pool.map(lambda s: execute_shard(stage, root, cfgs["download"], s), specs))
-    assert [os.fstat(fd).st_ino for fd in (1, 2)] == before
+    shared = stage.load(cfgs["download"])
+    for resources in (None, shared):
+        with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+            list(pool.map(lambda s, r=resources: execute_shard(stage, root, cfgs["download"], s, r),
+                          specs))
+        assert [os.fstat(fd).st_ino for fd in (1, 2)] == before
+        assert _rows(root) == sequential
+    shared.close()
 
 
 def _rows(root):
