@@ -34,7 +34,7 @@ OPT_OUT = ("noai", "noimageai", "noindex", "noimageindex")
 class DownloadConfig(StageConfig):
     """How images are fetched, which network they may come from, and how they are stored."""
 
-    EXECUTION_FIELDS = frozenset({"threads", "processes", "url_timeout_s", "shard_deadline_s"})
+    EXECUTION_FIELDS = frozenset({"threads", "url_timeout_s", "shard_deadline_s"})
     image_size: int = 256  # stored image side after resizing
     resize_mode: str = "center_crop"  # img2dataset resize mode
     min_image_size: int = 256  # reject images whose original shorter side is below this
@@ -42,8 +42,7 @@ class DownloadConfig(StageConfig):
     retries: int = 1  # extra tries of a URL after a network error or a 5xx (not after a refusal)
     url_timeout_s: float = 20.0  # wall-clock limit of one URL: connect, redirects and every read
     shard_deadline_s: float = 3600.0  # URLs not finished by then become rows with status "deadline"
-    threads: int = 16  # download threads per worker
-    processes: int = 1  # shards downloaded at once by the local runner / Prefect concurrency hint
+    threads: int = 16  # download threads per Beam worker (worker processes: beam.direct_num_workers)
     user_agent_token: str = "racm3"  # sent in the User-Agent; sites can opt out by it
     allow_hosts: tuple[str, ...] = ()  # host or host:port let through the address check
     max_bytes: int = 20_000_000  # a response body over this is refused ("too_large")
@@ -61,7 +60,6 @@ class DownloadConfig(StageConfig):
         self.check(self.url_timeout_s > 0, "url_timeout_s", "must be > 0")
         self.check(self.shard_deadline_s > 0, "shard_deadline_s", "must be > 0")
         self.check(self.threads >= 1, "threads", "must be >= 1")
-        self.check(self.processes >= 1, "processes", "must be >= 1")
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
         self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
