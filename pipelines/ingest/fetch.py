@@ -186,7 +186,8 @@ def _read_capped(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
     length = resp.getheader("Content-Length")
     if length and length.strip().isdigit() and int(length) > max_bytes:
         raise Refused("too_large", f"too_large: Content-Length {int(length)} > {max_bytes} bytes")
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = resp.read(CHUNK)
         if not chunk:
