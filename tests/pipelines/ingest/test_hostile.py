@@ -8,6 +8,7 @@ socket connects are wrapped so the test fails if one to an address outside 127/8
 from __future__ import annotations
 
 import ipaddress
+import resource
 import socket
 import subprocess
 import sys
@@ -174,11 +175,14 @@ def test_every_hostile_row_ends_with_its_status(tmp_path, guarded_network):
 
         stage = get_stage("download")
         resources = stage.load(cfgs["download"])
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.monotonic()
         manifests = [execute_shard(stage, root, cfgs["download"], spec, resources)
                      for spec in stage.plan(root, cfgs["download"])]  # what Beam's DoFn calls
         elapsed = time.monotonic() - t0
+        rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
         resources.close()
+    assert rss_growth < 300, f"peak RSS grew {rss_growth:.0f} MB: was the 400M-pixel bomb decoded?"
     assert all(m.rows_in == m.rows_out for m in manifests)  # no shard failed, no row lost
     rows = pa.concat_tables([pq.read_table(root.join(p)) for m in manifests for p in m.outputs])
     by_url = {r["url"]: r for r in rows.to_pylist()}
