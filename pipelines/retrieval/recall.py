@@ -25,7 +25,7 @@ class RetrievalEvalConfig(StageConfig):
     """Which held-out split to score the retriever on, and at which cut-offs."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
-    coco: str = "demo/laion.coco/captions_val.json"  # COCO captions JSON (relative to the data root, or absolute)
+    coco: str = "demo/laion.coco/captions_test.json"  # COCO captions JSON (relative to the data root, or absolute): the demo test split
     ks: tuple[int, ...] = (1, 3, 5)  # recall cut-offs (paper Table 4)
     image_dir: str = ""  # folder of the image files ("" = `images/` beside the JSON, or beside it)
     max_images: int = 0  # score at most this many held-out images (0 = all)
