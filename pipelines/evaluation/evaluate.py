@@ -62,6 +62,9 @@ def judge(root: DataRoot, setup: lineage.Setup, cfg: EvaluateConfig) -> FeatureE
     return efficientnet_extractor(cfg.device)
 
 
+REDUCE_ONLY = frozenset({"bootstrap"})
+
+
 class EvaluatePartStage(Stage):
     """Shards `<start>-<stop>` of the split: per-image records, judge features, report figures."""
 
@@ -75,6 +78,10 @@ class EvaluatePartStage(Stage):
         inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
         return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
+
+    def params(self, cfg: EvaluateConfig) -> dict[str, Any]:
+        """Fields the reduce step alone reads do not re-run the shards."""
+        return {k: v for k, v in cfg.params().items() if k not in REDUCE_ONLY}
 
     def load(self, cfg: EvaluateConfig) -> dict[str, Any]:
         # Per-worker cache: set-up, judge and leakage guard, filled once by the first shard (the
