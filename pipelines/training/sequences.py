@@ -175,7 +175,8 @@ def choose_neighbours(rng: np.random.Generator, key: Any, corpus: DocSource, k: 
 
 def random_keys(rng: np.random.Generator, key: Any, corpus: DocSource, k: int) -> list[Any]:
     """k random training documents other than `key` (rejection sampling: no list of all keys)."""
-    n, out = corpus.n_items(), []
+    n = corpus.n_items()
+    out: list[Any] = []
     for _ in range(8 * (k + 1)):  # bounded: a corpus that is nearly all held out gives fewer
         if len(out) == k:
             break
