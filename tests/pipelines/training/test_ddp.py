@@ -71,7 +71,7 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     make_corpus(root, n=24, shards=2, packed=True)
     cfg = TrainConfig(batch_size=2, seq_len=72, max_steps=STEPS, warmup_steps=2, lr=3e-3,
                       progress_bar=False, log_every=1, threads=1, accelerator="cpu",
-                      devices="2", strategy="ddp", checkpoint_every=100)
+                      devices="2", strategy="ddp", checkpoint_every=3)
     rec = str(tmp_path / "ddp.jsonl")
     params = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     done = subprocess.run([sys.executable, "-m", "tests.pipelines.training.train_child",
@@ -93,3 +93,8 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
             diffs.append(abs(ranks[r][step]["loss"] - ref[step][r]))
     assert max(diffs) < 1e-4, diffs
     assert ref[-1][0] < ref[0][0]  # it trained
+    # the checkpoint holds the stream state of both ranks' readers (gathered on save)
+    workdir = root.join(m.metrics["checkpoints"], "checkpoints", "last.ckpt")
+    ckpt = torch.load(workdir, weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if "StreamCheckpoint" in k)
+    assert sorted(state["readers"]) == ["0", "1"] and state["batches"] == 6
