@@ -100,3 +100,19 @@ def test_appending_a_token_shard_packs_only_it(root):
     assert store.n_items() == 19 and store.label(18) == "0102"
     assert store.label(store.key_to_id("0005")) == "0005"
     assert TrainStage().plan(root, TrainConfig())[0].shard_id == "ra-cm3"
+
+
+def test_stream_from_the_store_never_trains_on_held_out_documents(root):
+    from itertools import islice
+
+    from pipelines.training.sequences import AssemblyConfig, SequenceStream
+
+    store = open_store(root, with_neighbours=True, holdout_fraction=0.3)
+    held = {store.label(i) for i in range(store.n_items()) if store.is_held(i)}
+    stream = SequenceStream(store, AssemblyConfig(seq_len=200, k_max=2, mask_prob=0), seed=0)
+    seen = set()
+    for seq in islice(iter(stream), 40):
+        seen |= set(seq["keys"])
+        assert isinstance(seq["keys"][0], str)  # keys, not ids, in batches and error messages
+    assert held and not seen & held and len(seen) == 16 - len(held)
+    assert stream.counts["neighbour_held_out"] > 0 and stream.counts["retrieved_docs"] > 0
