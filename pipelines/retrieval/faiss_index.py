@@ -254,8 +254,9 @@ def load_index(root: DataRoot, use_gpu: bool = True) -> LoadedIndex:
     m = read_manifest(root, "index", "main")
     if m is None:
         raise FileNotFoundError("no FAISS index: run `racm3 run index` first")
+    gpu = use_gpu and gpu_available()  # on a CPU machine every caller shares one copy
     with _LOCK:
-        hit = _LOADED.get((root.uri, use_gpu))
+        hit = _LOADED.get((root.uri, gpu))
         if hit is None or hit.digest != m.output_digest:
-            hit = _LOADED[(root.uri, use_gpu)] = _load(root, m, use_gpu)
+            hit = _LOADED[(root.uri, gpu)] = _load(root, m, gpu)
         return hit
