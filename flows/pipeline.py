@@ -91,7 +91,7 @@ def demo_flow(data_root: str = "data", seed: int | None = None, until: str | Non
               config: dict | None = None) -> list[dict] | State:
     """Generate the demo data, serve it on 127.0.0.1, and run every stage up to `until`."""
     from pipelines.demo.paths import www_dir
-    from pipelines.demo.server import serve_directory
+    from pipelines.demo.server import serve_root_dir
 
     cfgs = build_config(config, preset, config_file, overrides)
     if seed is not None:
@@ -99,7 +99,8 @@ def demo_flow(data_root: str = "data", seed: int | None = None, until: str | Non
     plan = steps(cfgs, until)
     reports = run_steps(plan[:1], data_root, force)
     demo = cfgs["demo"]
-    with serve_directory(www_dir(DataRoot(data_root)), demo.host, demo.port):
+    root = DataRoot(data_root)
+    with serve_root_dir(root, www_dir(root), demo.host, demo.port):
         reports += run_steps(plan[1:], data_root, force)
     return outcome(reports)
 

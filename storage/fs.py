@@ -79,7 +79,14 @@ class DataRoot:
         if self.is_local:
             os.replace(tmp, final)
         else:  # object stores: copy-then-delete is the best they offer; manifests still go last
-            self.fs.mv(tmp, final)
+            self.fs.invalidate_cache(posixpath.dirname(tmp))  # objects uploaded since listed
+            if not self.fs.isdir(tmp):
+                self.fs.mv(tmp, final)
+                return
+            # A folder is a key prefix: move its objects one by one (fsspec's recursive mv also
+            # tries to copy the prefix itself, which is no object, and fails).
+            for src in self.fs.find(tmp):
+                self.fs.mv(src, posixpath.join(final, posixpath.relpath(src, tmp)))
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         self.makedirs(posixpath.dirname(path))

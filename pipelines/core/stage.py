@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import posixpath
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,6 +66,7 @@ class ShardContext:
         self.root, self.spec, self.cfg = root, spec, cfg
         self.cancel = cancel or threading.Event()  # set when the driver gave up on this shard
         self._pending: dict[str, str] = {}  # final path -> temp path
+        self._uploads: dict[str, str] = {}  # temp path on the store -> local staging path
 
     def check_cancelled(self) -> None:
         """Long shards may call this between batches to stop promptly after a timeout."""
@@ -71,7 +75,8 @@ class ShardContext:
 
     def input_path(self, i: int = 0) -> str:
         p = self.spec.inputs[i].path
-        return p if "://" in p or p.startswith("/") else self.root.join(p)
+        # a full URL on object stores, so libraries that open paths themselves reach the store
+        return p if "://" in p or p.startswith("/") else self.root.url(self.root.join(p))
 
     def read_input(self, i: int = 0, columns: list[str] | None = None) -> pa.Table:
         return read_table(self.root, self.input_path(i), columns)
@@ -87,6 +92,25 @@ class ShardContext:
         self._pending[final] = tmp
         return tmp
 
+    def local_path(self, suffix: str) -> str:
+        """Like `output_path`, but always on local disk, for writers that only know `open`
+        (PIL, json, Lightning): on an object-store root it is staged locally and uploaded at commit."""
+        tmp = self.output_path(suffix)
+        if self.root.is_local:
+            return tmp
+        local = os.path.join(tempfile.mkdtemp(prefix="racm3-stage-"), posixpath.basename(tmp))
+        self._uploads[tmp] = local
+        return local
+
+    def _upload(self) -> None:
+        for tmp, local in self._uploads.items():
+            if os.path.isdir(local):
+                self.root.fs.put(local.rstrip("/") + "/", tmp, recursive=True)
+            elif os.path.exists(local):
+                self.root.fs.put_file(local, tmp)
+            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+        self._uploads.clear()
+
     def write_table(self, table: pa.Table, suffix: str = "parquet") -> str:
         final = self.final_path(suffix)
         self._pending[final] = write_table_tmp(self.root, final, table)
@@ -95,6 +119,7 @@ class ShardContext:
     def commit(self) -> dict[str, str]:
         """Rename every temp output into place; returns {relative path: digest}."""
         self.check_cancelled()
+        self._upload()
         outputs = {}
         for final, tmp in self._pending.items():
             if self.root.fs.exists(final) and self.root.fs.isdir(final):
@@ -104,6 +129,8 @@ class ShardContext:
         return outputs
 
     def abort(self) -> None:
+        for local in self._uploads.values():
+            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
         for tmp in self._pending.values():
             if self.root.fs.exists(tmp):
                 self.root.fs.rm(tmp, recursive=True)

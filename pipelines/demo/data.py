@@ -326,13 +326,13 @@ class DemoDataStage(Stage):
 
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         cfg: DemoDataConfig = ctx.cfg
-        www = ctx.output_path("www")
+        www = ctx.local_path("www")
         table, entities, backgrounds = generate_metadata(cfg, www)
         clean = table.filter(pa.compute.equal(table["kind"], "clean"))
         counts: dict[int, int] = {}
         for e in clean["entity"].to_pylist():
             counts[e] = counts.get(e, 0) + 1
-        coco_dir = ctx.output_path("coco")
+        coco_dir = ctx.local_path("coco")
         sizes, novel = {}, {}
         for split in SPLITS:
             coco = generate_coco(cfg, entities, coco_dir, counts, split, backgrounds)
@@ -343,10 +343,10 @@ class DemoDataStage(Stage):
         ents = pa.table({"entity": list(range(len(entities))), "name": [e.name for e in entities],
                          "shape": [e.shape for e in entities],
                          "train_docs": [counts.get(i, 0) for i in range(len(entities))]})
-        with open(ctx.output_path("entities.parquet"), "wb") as f:
+        with open(ctx.local_path("entities.parquet"), "wb") as f:
             pq.write_table(ents, f)
         ctx.write_table(table.drop_columns(["kind", "entity"]))
-        with open(ctx.output_path("truth.parquet"), "wb") as f:
+        with open(ctx.local_path("truth.parquet"), "wb") as f:
             pq.write_table(table.select(["URL", "kind", "entity"]), f)
         kinds = dict(zip(*np.unique(table["kind"].to_numpy(zero_copy_only=False), return_counts=True), strict=True))
         return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={

@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,23 @@ class _Server(ThreadingHTTPServer):
     # client's SYN retries (1 s, 3 s, 7 s) then eat the per-URL deadline.
     request_queue_size = 256
     daemon_threads = True
+
+
+@contextlib.contextmanager
+def serve_root_dir(root: DataRoot, directory: str, host: str = "127.0.0.1",
+                   port: int = 0) -> Iterator[str]:
+    """Serve a folder of the data root; one on an object store is copied to local disk first."""
+    if root.is_local:
+        with serve_directory(directory, host, port) as url:
+            yield url
+        return
+    local = tempfile.mkdtemp(prefix="racm3-www-")
+    try:
+        root.fs.get(directory.rstrip("/") + "/", local + "/", recursive=True)
+        with serve_directory(local, host, port) as url:
+            yield url
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 @contextlib.contextmanager

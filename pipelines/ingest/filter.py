@@ -87,14 +87,14 @@ def metadata_files(root: DataRoot, cfg: FilterConfig) -> list[str]:
         if not root.exists(path):
             raise ConfigError("filter.metadata", f"no metadata given and no demo data at {path}; "
                               "run `racm3 run demo` or set filter.metadata")
-        return [path]
+        return [root.url(path)]  # a URL: the root may be an object store
     pattern = cfg.metadata if ("://" in cfg.metadata or cfg.metadata.startswith("/")) \
-        else root.join(cfg.metadata)
+        else root.url(root.join(cfg.metadata))
     fs, p = open_url(pattern)
     files = sorted(fs.glob(p)) if any(c in p for c in "*?[") else ([p] if fs.exists(p) else [])
     if not files:
         raise ConfigError("filter.metadata", f"no metadata parquet found at {pattern}")
-    return [f if fs is root.fs or "file" in fs.protocol else fs.unstrip_protocol(f) for f in files]
+    return [f if "file" in fs.protocol else fs.unstrip_protocol(f) for f in files]
 
 
 def resolve_columns(names: list[str], cfg: FilterConfig, where: str) -> dict[str, str | None]:
