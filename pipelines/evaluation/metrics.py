@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 
 from pipelines.evaluation.cider import cider_d
-from pipelines.evaluation.fid import frechet_distance, kid_from_kernels, polynomial_kernel
+from pipelines.evaluation.fid import (
+    frechet_distance,
+    frechet_from_grams,
+    kid_from_kernels,
+    polynomial_kernel,
+)
 from pipelines.evaluation.lineage import MODELS
 from pipelines.evaluation.records import Part
 from pipelines.evaluation.stats import Interval, bootstrap, paired_difference, resamples
@@ -31,12 +36,17 @@ def image_stats(part: Part, model: str) -> dict[str, Stat]:
         return out
     ok = ~np.isnan(gen).any(axis=1)
     if ok.sum() >= 2:
-        kgg, krr, kgr = polynomial_kernel(np.nan_to_num(gen), np.nan_to_num(gen)), \
-            polynomial_kernel(real, real), polynomial_kernel(np.nan_to_num(gen), real)
+        g0, r0 = np.nan_to_num(gen).astype(np.float64), real.astype(np.float64)
+        kgg, krr, kgr = polynomial_kernel(g0, g0), polynomial_kernel(r0, r0), polynomial_kernel(g0, r0)
+        ggg, grr, ggr = g0 @ g0.T, r0 @ r0.T, g0 @ r0.T  # Grams: each draw is O(n^2), not O(n^2 D)
 
         def fid(idx: np.ndarray) -> float:
             g = idx[ok[idx]]
-            return frechet_distance(gen[g], real[idx]) if len(g) >= 2 else math.nan
+            if len(g) < 2:
+                return math.nan
+            if len(idx) == len(ok) and (idx == np.arange(len(ok))).all():  # the point estimate
+                return frechet_distance(gen[g], real[idx])
+            return frechet_from_grams(ggg[np.ix_(g, g)], grr[np.ix_(idx, idx)], ggr[np.ix_(g, idx)])
 
         def kid(idx: np.ndarray) -> float:
             g = idx[ok[idx]]

@@ -48,3 +48,14 @@ def test_kid_is_unbiased_near_zero_for_the_same_distribution():
             for _ in range(60)]
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))  # mean ~0: no small-n bias
     assert kernel_inception_distance(rng.normal(size=(20, 8)), rng.normal(1.0, size=(20, 8))) > 0.05
+
+
+def test_frechet_from_grams_equals_frechet_on_resampled_rows():
+    from pipelines.evaluation.fid import frechet_from_grams
+
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(15, 30)), rng.normal(0.3, 1.1, size=(15, 30))
+    idx = rng.integers(0, 15, 15)
+    ga, gb, gab = a @ a.T, b @ b.T, a @ b.T
+    got = frechet_from_grams(ga[np.ix_(idx, idx)], gb[np.ix_(idx, idx)], gab[np.ix_(idx, idx)])
+    assert got == pytest.approx(frechet_distance(a[idx], b[idx]), rel=1e-8)
