@@ -15,6 +15,9 @@ from pipelines.retrieval.retrieve import RetrieveConfig
 from storage.fs import DataRoot
 
 CKPT = "weights/clip.pt"
+# One in-process Beam worker: a worker process per core would import torch again per test
+# (~20 s each on 2 loaded cores); the multi-process and distributed paths have their own tests.
+ONE_WORKER = BeamConfig(direct_num_workers=1)
 
 
 def write_checkpoint(root: DataRoot, seed: int = 0, path: str = CKPT) -> str:
@@ -29,7 +32,7 @@ def write_checkpoint(root: DataRoot, seed: int = 0, path: str = CKPT) -> str:
 
 def configs(**sections) -> dict:
     """Config sections for run_stage without loading other engineers' stage modules."""
-    cfgs = {"run": RunConfig(retries=0), "beam": BeamConfig(), "embed": EmbedConfig(checkpoint=CKPT),
+    cfgs = {"run": RunConfig(retries=0), "beam": ONE_WORKER, "embed": EmbedConfig(checkpoint=CKPT),
             "index": IndexConfig(), "retrieve": RetrieveConfig(variants=0)}
     cfgs.update(sections)
     return cfgs

@@ -30,7 +30,8 @@ TOK = TokenizeConfig(image_size=16, factor=4, codebook_size=16, batch_size=4)
 
 
 def cfgs(tok: TokenizeConfig = TOK) -> dict:
-    return {"fit_vqgan": FIT, "tokenize": tok, "run": RunConfig(retries=0), "beam": BeamConfig()}
+    return {"fit_vqgan": FIT, "tokenize": tok, "run": RunConfig(retries=0),
+            "beam": BeamConfig(direct_num_workers=1)}  # in-process: no torch import per worker
 
 
 @pytest.fixture(scope="module")
