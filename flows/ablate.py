@@ -368,7 +368,7 @@ def seeds_run(data_root: str, seeds: list[int], preset: str = "demo", config_fil
         if os.path.exists(path):
             with open(path) as f:
                 per_seed[s] = json.load(f)
-    summary = {"seeds": sorted(per_seed), "over_seeds": over_seeds(per_seed)}
+    summary: dict[str, Any] = {"seeds": sorted(per_seed), "over_seeds": over_seeds(per_seed)}
     os.makedirs(data_root, exist_ok=True)
     with open(os.path.join(data_root, "seeds.json"), "w") as f:
         json.dump(summary, f, indent=2)

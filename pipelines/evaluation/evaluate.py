@@ -90,16 +90,18 @@ class EvaluatePartStage(Stage):
 
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: EvaluateConfig = ctx.cfg
-        cache = resources if isinstance(resources, dict) else {"lock": threading.Lock()}
+        cache: dict[str, Any] = resources if isinstance(resources, dict) else {"lock": threading.Lock()}
         key = (ctx.root.join(), json.dumps(cfg.params(), sort_keys=True, default=str))
         with cache["lock"]:
             if cache.get("key") != key:
-                setup = lineage.load_setup(ctx.root, cfg)
+                loaded = lineage.load_setup(ctx.root, cfg)
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
-                cache.update(key=key, setup=setup,
-                             judge=judge(ctx.root, setup, cfg) if cfg.generate else None,
-                             guard=guard.split_exclusions(ctx.root, setup.retriever, full, cfg))
-            setup, fx, grd = cache["setup"], cache["judge"], cache["guard"]
+                cache.update(key=key, setup=loaded,
+                             judge=judge(ctx.root, loaded, cfg) if cfg.generate else None,
+                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg))
+            setup: lineage.Setup = cache["setup"]
+            fx: FeatureExtractor | None = cache["judge"]
+            grd: dict[str, Any] = cache["guard"]
         index = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
         start, stop = part_range(ctx.spec.shard_id)
         examples, show, fig_dir = [], [], ctx.output_path("figures")

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,16 +153,17 @@ def efficientnet_extractor(device: str = "cpu", batch: int = 32, size: int = 224
     """ImageNet EfficientNet-Lite0 (timm) pooled 1280-d features at 224x224: the default judge."""
     import timm
 
-    net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    net: Any = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
     net.load_state_dict(efficientnet_state_dict(net))
     net.reset_classifier(0)  # pooled features, no classifier
     net = net.eval().to(device)
+    width = int(net.num_features)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def extract(images: list[Image.Image]) -> np.ndarray:
-        outs = [np.zeros((0, net.num_features), np.float32)]
+        outs = [np.zeros((0, width), np.float32)]
         for s in range(0, len(images), batch):
             x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize(
                 (size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0).permute(2, 0, 1)

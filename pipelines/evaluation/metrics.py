@@ -83,9 +83,16 @@ def ppl_stats(part: Part, model: str) -> dict[str, Stat]:
             pairs = np.array([r["nll"][run][key] if run in r["nll"] else (0.0, 0)
                               for r in part.images], np.float64).reshape(-1, 2)  # (n, 2)
             if pairs[:, 1].sum() > 0:
-                out[name + suffix] = (lambda idx, p=pairs: math.exp(p[idx, 0].sum() / p[idx, 1].sum())
-                                      if p[idx, 1].sum() > 0 else math.nan)
+                out[name + suffix] = perplexity_of(pairs)
     return out
+
+
+def perplexity_of(pairs: np.ndarray) -> Stat:
+    """(n, 2) per-image (summed NLL, tokens) -> exp(sum NLL / sum tokens) over resampled rows."""
+    def stat(idx: np.ndarray) -> float:
+        n = pairs[idx, 1].sum()
+        return math.exp(pairs[idx, 0].sum() / n) if n > 0 else math.nan
+    return stat
 
 
 def model_stats(part: Part, model: str) -> dict[str, Stat]:

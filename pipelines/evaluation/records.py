@@ -53,7 +53,7 @@ def write_part(root: DataRoot, json_path: str, npz_path: str, part: Part) -> Non
         json.dump({"images": part.images, "counts": part.counts, "guard": part.guard,
                    "show": part.show, "fid_features": part.fid_features}, f)
     buf = io.BytesIO()
-    np.savez(buf, **part.features)
+    np.savez(buf, **part.features)  # type: ignore[arg-type]
     with root.fs.open(npz_path, "wb") as f:
         f.write(buf.getvalue())
 
@@ -63,7 +63,12 @@ IMAGE_SKIPS = ("skipped_missing_image", "skipped_undecodable_image")
 
 def read_parts(root: DataRoot, shard_ids: list[str]) -> Part:
     """Every part shard's results in split order (counts of image skips summed)."""
-    images, feats, show, counts, guard, judge = [], [], [], {}, {}, ""
+    images: list[dict[str, Any]] = []
+    feats: list[dict[str, np.ndarray]] = []
+    show: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    guard: dict[str, Any] = {}
+    judge = ""
     for sid in shard_ids:
         with root.fs.open(root.artifact("evaluate-part", sid, "json"), "r") as f:
             d = json.load(f)
