@@ -1,7 +1,7 @@
 """Scaling benchmark: the data stages at 1x, 4x and 16x documents, seconds per 1,000 documents
 and peak RSS of each stage, each stage measured alone in a child `racm3 run STAGE --local`.
 
-    python benchmarks/bench_scale.py [--entities 150] [--sizes 1,4,16] [--keep DIR]
+    python benchmarks/bench_scale.py [--entities 190] [--sizes 1,4,16] [--keep DIR]
 
 The demo generator makes the data (`demo.entities` x size; filter shards of a fixed size, so a
 shard's memory is the same at every size). Every stage is real: filter (DuckDB), download from
@@ -298,7 +298,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--prepare"]:
         sys.exit(prepare_main(sys.argv[2], sys.argv[4:], sys.argv[3]))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--entities", type=int, default=150, help="demo entities at 1x (~600 docs)")
+    ap.add_argument("--entities", type=int, default=190, help="demo entities at 1x (~650 docs)")
     ap.add_argument("--sizes", default="1,4,16")
     ap.add_argument("--gen-vectors", type=int, default=100_000, help="generated index rows at 1x")
     ap.add_argument("--gen-dim", type=int, default=128)

@@ -200,8 +200,11 @@ class IndexStage(Stage):
         else:
             sizes = build_parts(ctx.root, paths, blob, part_rows, outs, cfg)
         built = time.time() - t0
-        searched = reopen(ctx.root, outs, key_map, factory)
-        if searched.ntotal != n:
+        # Read back to check it (memory-mapped: no copy on a local root); a Flat index on an
+        # object store is not downloaded again just for that.
+        local_or_trained = ctx.root.is_local or factory != "Flat"
+        searched = reopen(ctx.root, outs, key_map, factory) if local_or_trained else None
+        if searched is not None and searched.ntotal != n:
             raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
         metrics = {"encoder": encoder, "dim": d, "ntotal": n, "factory": factory,
                    "factory_from": "index.factory" if cfg.factory else "index.max_memory",
@@ -209,8 +212,9 @@ class IndexStage(Stage):
                    "memory_estimate_bytes": est, "index_bytes": int(sum(sizes)),
                    "max_memory_bytes": budget, "train_vectors": trained_on,
                    "build_seconds": round(built, 2), "gpu": gpu,
-                   "search_params": set_search_params(searched, cfg.nprobe, cfg.ef_search)}
-        if factory != "Flat":
+                   "search_params": {} if searched is None else set_search_params(
+                       searched, cfg.nprobe, cfg.ef_search)}
+        if searched is not None and factory != "Flat":
             metrics["recall@10_vs_exact"] = recall_vs_exact(searched, ctx.root, paths, counts,
                                                             cfg.recall_sample, cfg.seed, RECALL_K)
         return ShardResult(rows_in=n, rows_out=n, metrics=metrics)
