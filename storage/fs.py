@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,19 @@ class DataRoot:
     def resolve(self, path: str) -> str:
         """A config path: absolute or a URL as given, otherwise relative to the root."""
         return path if "://" in path or path.startswith("/") else self.join(path)
+
+    def local_copy(self, path: str) -> str:
+        """A local file for libraries that only open local paths (torch, open_clip, tokenizers):
+        the path itself on a local root, else a copy cached once per machine (keyed by URL)."""
+        if self.is_local:
+            return path
+        dest = os.path.join(tempfile.gettempdir(), "racm3-cache", self.url(path).replace("/", "_"))
+        if not os.path.exists(dest):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            part = f"{dest}.{uuid.uuid4().hex[:8]}.part"
+            self.fs.get(path, part)
+            os.replace(part, dest)  # atomic: concurrent workers never read a half copy
+        return dest
 
     def url(self, path: str) -> str:
         """Full URL of a filesystem path (what users and DuckDB see)."""

@@ -208,7 +208,7 @@ class FitClipStage(Stage):
         if len(data.captions) < 2:
             raise ValueError("fit-clip found fewer than 2 usable (caption, image) pairs")
         stats = train(model, data, cfg)
-        torch.save(model.state_dict(), ctx.output_path("pt"))
+        torch.save(model.state_dict(), ctx.local_path("pt"))
         info = EncoderInfo(cfg.model, "", "", int(model.text_projection.shape[-1]))
         res = table4(DocEncoder(model, eval_tf, tok, info), split, (1, 5))
         metrics = stats | {

@@ -294,7 +294,7 @@ class FitVQGANStage(Stage):
 
 def fit_bpe_shard(ctx: ShardContext, cfg: FitVQGANConfig) -> ShardResult:
     caps = read_captions(ctx)
-    tok = train_bpe(caps, cfg.bpe_vocab_size, ctx.output_path(BPE_SUFFIX))
+    tok = train_bpe(caps, cfg.bpe_vocab_size, ctx.local_path(BPE_SUFFIX))
     lens = [len(tok.encode(c)) for c in caps[:2000]]
     return ShardResult(rows_in=len(caps), rows_out=1, metrics={
         "text_tokenizer": tok.fingerprint(), "n_text": tok.vocab_size,
@@ -313,7 +313,7 @@ def fit_vqgan_shard(ctx: ShardContext, cfg: FitVQGANConfig) -> ShardResult:
                "steps_per_second": round(steps / seconds, 2), "grid": cfg.image_size // cfg.factor,
                "kmeans_codes": len(centres), "heldout_code_match": code_match(model, held, centres),
                **evaluate(model, held)}
-    save_checkpoint(model, ctx.output_path(VQGAN_SUFFIX))
+    save_checkpoint(model, ctx.local_path(VQGAN_SUFFIX))
     log.info("fit-vqgan: %s", metrics)
     return ShardResult(rows_in=len(train) + len(held) + bad, rows_out=1,
                        dropped={"undecodable_image": bad} if bad else {}, metrics=metrics)

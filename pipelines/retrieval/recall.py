@@ -54,7 +54,7 @@ class RetrievalEvalStage(Stage):
         from pipelines.retrieval.encoders import index_encoder
 
         enc_info = index_encoder(ctx.root)
-        encoder = DocEncoder.load(enc_info["model"], ctx.root.resolve(enc_info["checkpoint"]),
+        encoder = DocEncoder.load(enc_info["model"], ctx.root.local_copy(ctx.root.resolve(enc_info["checkpoint"])),
                                   enc_info["fingerprint"], cfg.device, cfg.batch_size)
         split = load_coco(ctx.root, cfg.coco, cfg.max_images, cfg.image_dir, min_captions=2)
         result = table4(encoder, split, cfg.ks) | {"encoder": enc_info["fingerprint"]}

@@ -46,7 +46,8 @@ def load_vqgan(root: DataRoot, cfg: Any) -> VQGAN:
     """The configured VQGAN; a codebook size, factor or resolution other than the config's is refused."""
     expect = Expect(n_embed=cfg.codebook_size, factor=cfg.factor,
                     resolution=None if cfg.checkpoint else cfg.image_size)
-    return load_checkpoint(checkpoint_path(root, cfg), PRESETS[cfg.arch], expect, cfg.allow_pickle)
+    path = cfg.checkpoint or root.local_copy(checkpoint_path(root, cfg))  # the fitted one may be remote
+    return load_checkpoint(path, PRESETS[cfg.arch], expect, cfg.allow_pickle)
 
 
 
@@ -54,5 +55,6 @@ def load_tokenizers(root: DataRoot, cfg: Any) -> Tokenizers:
     """Everything needed to turn documents into ids; also used by evaluate to encode prompts."""
     torch.set_num_threads(cfg.threads)
     vqgan = load_vqgan(root, cfg)
-    text = load_text_tokenizer(text_tokenizer_spec(root, cfg))
+    spec = text_tokenizer_spec(root, cfg)
+    text = load_text_tokenizer(root.local_copy(spec) if root.exists(spec) else spec)
     return Tokenizers(vqgan, text, state_fingerprint(vqgan), text.fingerprint())
