@@ -122,10 +122,10 @@ def run(bench: Workbench, req: Request) -> tuple[Ranked, Context, Image.Image | 
                             bench.grid, box, req.samples, context.docs, req.sampling, gen)
         return rank_images(bench, out, req.caption), context, image
     if req.ensemble:
-        codes = ensemble_images(bench.model, bench.vocab, bench.encode_caption(req.caption),
+        drawn = ensemble_images(bench.model, bench.vocab, bench.encode_caption(req.caption),
                                 bench.grid, req.samples, context.docs, req.ensemble, 2,
                                 req.sampling, gen)
-        return rank_images(bench, codes, req.caption), context, None
+        return rank_images(bench, drawn, req.caption), context, None
     guidance = Guidance(req.guidance_caption, req.guidance_documents)
     return caption_to_image(bench, req.caption, context, req.samples, req.sampling, guidance,
                             gen), context, None
