@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 from model.clip_encoder import DocEncoder
@@ -41,23 +39,12 @@ class EncoderCache:
             import torch
 
             torch.set_num_threads(self.threads)
-            local = local_copy(root, root.resolve(checkpoint))
+            local = root.local_copy(root.resolve(checkpoint))
             self._encoder = DocEncoder.load(model, local, fingerprint, self.device, self.batch_size)
             self._key = key
         return self._encoder  # type: ignore[return-value]
 
 
-
-def local_copy(root: DataRoot, path: str) -> str:
-    """A local file for open_clip to load: the path itself, or a cached copy of a remote one."""
-    if root.is_local:
-        return path
-    dest = os.path.join(tempfile.gettempdir(), "racm3-ckpt", path.replace("/", "_"))
-    if not os.path.exists(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        root.fs.get(path, dest + ".part")
-        os.replace(dest + ".part", dest)
-    return dest
 
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from model.clip_encoder import DocEncoder
-from pipelines.retrieval.encoders import index_encoder, local_copy
+from pipelines.retrieval.encoders import index_encoder
 from pipelines.retrieval.faiss_index import LoadedIndex, load_index
 from storage.fs import DataRoot
 
@@ -94,7 +94,7 @@ class Retriever:
         self.cfg = cfg
         self.index = load_index(root, self.cfg.use_gpu)
         enc = index_encoder(root)
-        self.encoder = DocEncoder.load(enc["model"], local_copy(root, root.resolve(enc["checkpoint"])),
+        self.encoder = DocEncoder.load(enc["model"], root.local_copy(root.resolve(enc["checkpoint"])),
                                        enc["fingerprint"], device)
         self.index.check_encoder(self.encoder.info.fingerprint, self.encoder.info.dim)
 
