@@ -4,27 +4,23 @@ model, the retrieval baseline, and each example's perplexity sums (what the redu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from model.document import EOS, PAD, Vocab
 from model.images import to_tensor
-from model.transformer import Transformer
 from pipelines.evaluation.generate import (
     Sampling,
+    caption_nll,
     generate_captions,
     generate_images,
-    image_to_text_prompt,
 )
 from pipelines.evaluation.guard import guarded_search
 from pipelines.evaluation.lineage import GENERATORS, Setup, decode_codes
-from pipelines.evaluation.perplexity import HeldOutExample, example_nll, selected_logits
+from pipelines.evaluation.perplexity import HeldOutExample, example_nll
 from pipelines.evaluation.split import SplitItem, at_size
 
 RUNS = {"ra-cm3": ("ra-cm3", True), "ra-cm3 (no retrieval)": ("ra-cm3", False),
@@ -113,24 +109,6 @@ def caption_to_image(setup: Setup, ex: Example, variant: str, cfg: Any,
     ex.images[variant], ex.clip[variant] = images[best], float(scores[best])
 
 
-@torch.no_grad()
-def caption_scores(model: Transformer, vocab: Vocab, image_codes: Sequence[int],
-                   captions: Sequence[Sequence[int]], ctx: Sequence[np.ndarray] = ()) -> list[float]:
-    """Mean NLL per token of each caption (its <eos> included) in the infilling prompt, as
-    `generate.caption_nll`, but with logits only at the caption positions (not the prompt's)."""
-    ids, pos = image_to_text_prompt(vocab, image_codes, ctx)
-    tails = [[int(c) + vocab.text_offset for c in cap] + [EOS] for cap in captions]
-    width = max(map(len, tails))
-    rows = [ids + t + [PAD] * (width - len(t)) for t in tails]  # right padding: causal, harmless
-    prow = pos + list(range(pos[-1] + 1, pos[-1] + 1 + width))
-    device = next(model.parameters()).device
-    x = torch.tensor(rows, device=device)  # (M, T)
-    p = torch.tensor([prow] * len(rows), device=device)  # (M, T)
-    at = torch.arange(len(ids) - 1, len(ids) - 1 + width, device=device)  # predict the tails
-    logits = selected_logits(model, x[:, :-1], p[:, :-1], at)  # (M, width, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, len(ids):], reduction="none")
-    return [math.inf if len(t) == 1 else float(nll[r, :len(t)].mean()) for r, t in enumerate(tails)]
-
 
 def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
                      gen: torch.Generator) -> None:
@@ -140,7 +118,7 @@ def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
     params = Sampling(cfg.text_temperature, 0, cfg.text_top_p)
     caps = generate_captions(model, setup.vocab, ex.codes, cfg.caption_samples,
                              cfg.max_caption_tokens, ctx_docs, params, gen)
-    nll = caption_scores(model, setup.vocab, ex.codes, caps, ctx_docs)
+    nll = caption_nll(model, setup.vocab, ex.codes, caps, ctx_docs)
     best = int(np.argmin(nll))
     ex.captions[variant] = setup.tok.text.decode(caps[best]) if math.isfinite(nll[best]) else ""
 

@@ -109,13 +109,12 @@ def caption_nll(model: Transformer, vocab: Vocab, image_codes: Sequence[int],
     device = next(model.parameters()).device
     x = torch.tensor(rows, device=device)  # (M, T)
     p = torch.tensor([prow] * len(rows), device=device)  # (M, T)
-    logits, _ = model(x[:, :-1], p[:, :-1])  # (M, T-1, V)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")  # (M, T-1)
-    out = []
-    for r, t in enumerate(tails):
-        start = len(ids) - 1  # logits at prompt end predict the first caption token
-        out.append(math.inf if len(t) == 1 else float(nll[r, start:start + len(t)].mean()))
-    return out
+    # the head runs only where a caption token is predicted (never over the whole prompt)
+    at = torch.arange(len(ids) - 1, len(ids) - 1 + width, device=device)
+    hidden, _ = model.hidden(x[:, :-1], p[:, :-1])  # (M, T-1, C)
+    logits = model.head(hidden[:, at])  # (M, width, V)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), x[:, len(ids):], reduction="none")
+    return [math.inf if len(t) == 1 else float(nll[r, :len(t)].mean()) for r, t in enumerate(tails)]
 
 
 def close_image(vocab: Vocab, caption_ids: Sequence[int], codes: Sequence[int]) -> list[int]:

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.document import IMG_SRC, INFILL, Vocab, sequence_positions
+from model.document import EOS, IMG_SRC, INFILL, Vocab, sequence_positions
 from model.transformer import Transformer, preset
-from pipelines.evaluation.drive import caption_scores
 from pipelines.evaluation.generate import caption_nll, image_to_text_prompt
 from pipelines.evaluation.perplexity import HeldOutExample, example_nll, infilling_form, scored_nll
 
@@ -58,10 +57,21 @@ def test_both_forms_score_the_same_caption_tokens_and_differ(model):
         example_nll(model, VOCAB, ex, True, 2, "sideways")
 
 
-def test_rerank_scores_only_at_caption_positions_equal_caption_nll(model):
+def test_rerank_scores_only_at_caption_positions_equal_a_full_forward(model):
+    """caption_nll runs the head at caption positions only; padded, mixed-length rows must score
+    exactly as one full forward per caption would."""
     codes, caps = list(range(9)), [[3, 4], [5], [], [6, 7, 8]]
     ctx = [np.asarray(VOCAB.encode([1, 2], list(range(2, 11))))]
-    got, want = caption_scores(model, VOCAB, codes, caps, ctx), caption_nll(model, VOCAB, codes, caps, ctx)
+    got = caption_nll(model, VOCAB, codes, caps, ctx)
+    ids, pos = image_to_text_prompt(VOCAB, codes, ctx)
+    want = []
+    for cap in caps:
+        full = ids + [c + VOCAB.text_offset for c in cap] + [EOS]
+        p = pos + list(range(pos[-1] + 1, pos[-1] + 1 + len(cap) + 1))
+        with torch.no_grad():
+            logp = model(torch.tensor([full[:-1]]), torch.tensor([p[:-1]]))[0][0].log_softmax(-1)
+        want.append(float("inf") if not cap else
+                    -np.mean([float(logp[i - 1, full[i]]) for i in range(len(ids), len(full))]))
     assert got[2] == want[2] == float("inf")
     assert np.allclose([g for g in got if g != float("inf")], [w for w in want if w != float("inf")],
                        rtol=1e-5)
