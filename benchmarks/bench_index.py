@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 HERE = Path(__file__).resolve().parent
@@ -44,33 +43,12 @@ def clustered(n: int, d: int, seed: int, clusters: int = 4000) -> np.ndarray:
 
 
 def write_shards(root: DataRoot, n: int, d: int) -> None:
-    import pyarrow as pa
-
-    from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard
-
-    vec = pa.list_(pa.float32(), d)
-    schema = pa.schema([("key", pa.string()), ("sha256", pa.string()), ("text_emb", vec),
-                        ("image_emb", vec), ("doc_emb", vec)])
-
-    class Fixed(Stage):
-        name, version = "embed", "bench"
-
-        def __init__(self, t: pa.Table):
-            self.t = t
-
-        def run_shard(self, ctx: Any, resources: Any) -> ShardResult:
-            ctx.write_table(self.t)
-            return ShardResult(self.t.num_rows, self.t.num_rows, metrics={
-                "encoder": "bench@0", "model": "bench", "checkpoint": "none", "dim": d})
+    from benchmarks.embed_shards import write_embed_shard
 
     for i in range(0, n, SHARD):
         m = min(SHARD, n - i)
-        x = clustered(m, d, seed=i // SHARD)
-        col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)
-        zero = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(m * d, np.float32)), d)
-        keys = pa.array([f"v{i + j:09d}" for j in range(m)])
-        t = pa.Table.from_arrays([keys, pa.array([""] * m), zero, zero, col], schema=schema)
-        execute_shard(Fixed(t), root, None, ShardSpec("embed", f"{i // SHARD:05d}", ()))
+        write_embed_shard(root, f"{i // SHARD:05d}", [f"v{i + j:09d}" for j in range(m)],
+                          clustered(m, d, seed=i // SHARD))
 
 
 def child_build(root_uri: str, factory: str, shards: int, nprobe: int) -> int:

@@ -243,24 +243,8 @@ def marginal(rs: list[dict[str, Any]], docs: list[int], field: str) -> str:
 def generated_index(sizes: list[int], base: int, dim: int, work: Path) -> None:
     """The index stage alone on generated embedding shards: its bytes dominate the process."""
     import numpy as np
-    import pyarrow as pa
 
-    from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard
-
-    vec = pa.list_(pa.float32(), dim)  # embed's shard schema (its module would import torch here)
-    schema = pa.schema([("key", pa.string()), ("sha256", pa.string()), ("text_emb", vec),
-                        ("image_emb", vec), ("doc_emb", vec)])
-
-    class Fixed(Stage):
-        name, version = "embed", "bench"
-
-        def __init__(self, t: pa.Table):
-            self.t = t
-
-        def run_shard(self, ctx: Any, resources: Any) -> ShardResult:
-            ctx.write_table(self.t)
-            return ShardResult(self.t.num_rows, self.t.num_rows, metrics={
-                "encoder": "bench@0", "model": "racm3-demo", "checkpoint": "none", "dim": dim})
+    from benchmarks.embed_shards import write_embed_shard
 
     shard = 20_000
     print(f"\n[index on generated shards] {base:,} x {dim} float32 per 1x, shards of {shard:,}")
@@ -271,12 +255,8 @@ def generated_index(sizes: list[int], base: int, dim: int, work: Path) -> None:
         for i in range(base * s // shard):
             x = rng.normal(size=(shard, dim)).astype(np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
-            col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)
-            zero = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(shard * dim, np.float32)), dim)
-            keys = pa.array([f"g{i}-{j}" for j in range(shard)])
-            t = pa.Table.from_arrays([keys, pa.array([""] * shard), zero, zero, col],
-                                     schema=schema)
-            execute_shard(Fixed(t), root, None, ShardSpec("embed", f"{i:05d}", ()))
+            write_embed_shard(root, f"{i:05d}", [f"g{i}-{j}" for j in range(shard)], x,
+                              model="racm3-demo")
         dt, rss = run_child("index", root, [], work / f"gen{s}.log")
         rows[s] = (dt, rss, index_bytes(root), base * s)
         print(f"  x{s:<3} {base * s:>9,} vectors  {dt:6.1f} s  {dt / (base * s) * 1000:.3f} s/1k  "
