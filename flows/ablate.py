@@ -58,7 +58,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("retr-train-rand-infer", "Table 5", "Retrieve at train, random at infer", (246, 24),
             evaluate={"random_context": True}),
     Variant("rand-train-retr-infer", "Table 5", "Random at train, retrieve at infer", (243, 18),
-            train={"random_neighbours": True}),
+            ra="rand-train-rand-infer"),  # the same training as the row above: reuse its checkpoint
     Variant("text-only-docs", "Table 5", "Only text in context (inference)", (234, 15),
             evaluate={"context_modality": "text"}),
     Variant("image-only-docs", "Table 5", "Only image in context (inference)", (234, 15),
@@ -90,6 +90,8 @@ def select(only: str) -> list[Variant]:
     unknown = names - {v.name for v in VARIANTS}
     if unknown:
         raise ValueError(f"--only: unknown variants {sorted(unknown)}; see `racm3 ablate --list`")
+    trained = {v.name for v in VARIANTS if v.train is not None}
+    names |= {v.ra for v in VARIANTS if v.name in names and v.ra in trained}  # checkpoints it reads
     return [v for v in VARIANTS if v.name in names or v.name == FINAL]
 
 

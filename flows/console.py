@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
+from pipelines.core.liblogs import LIGHTNING, route_lightning_logs
+
 QUIET = ("httpx", "faiss.loader", "apache_beam", "distributed", "urllib3", "PIL", "matplotlib")
-LIGHTNING = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 TIP = "💡 Tip"
 NOISE = ("apitools not found",)  # Beam's GCP extras, absent by design, warned at every import
 
@@ -49,16 +50,4 @@ def setup_logging(verbose: bool = False) -> None:
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("prefect.task_runs").addFilter(DropTaskCompleted())
-    single_lightning_path()
-
-
-def single_lightning_path() -> None:
-    """Lightning adds its own stream handler (and stops propagating) when imported before
-    logging is configured; its lines then print twice once Prefect's handlers see them too.
-    Route them through the root handler only."""
-    for name in LIGHTNING:
-        lg = logging.getLogger(name)
-        for h in list(lg.handlers):
-            if type(h) is logging.StreamHandler:
-                lg.removeHandler(h)
-        lg.propagate = True
+    route_lightning_logs()

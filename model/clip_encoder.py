@@ -30,6 +30,25 @@ def register_configs() -> None:
         _registered = True
 
 
+# Share of an image's shorter side a model sees, centred, before open_clip's own resize and crop.
+# The demo CLIP sees the object and little of its surroundings, so a rendering on a background
+# its memory never shows still retrieves the same entity (chosen on dev; docs/demo-design.md).
+CENTRE_CROP: dict[str, float] = {"racm3-demo": 0.75}
+
+
+class CentreCrop:
+    """Keep the centred `fraction` of the shorter side (a square), then apply `then`."""
+
+    def __init__(self, fraction: float, then: Any):
+        self.fraction, self.then = fraction, then
+
+    def __call__(self, img: Image.Image) -> Any:
+        w, h = img.size
+        side = max(1, round(min(w, h) * self.fraction))
+        left, top = (w - side) // 2, (h - side) // 2
+        return self.then(img.crop((left, top, left + side, top + side)))
+
+
 def check_model_name(name: str) -> None:
     register_configs()
     if name not in open_clip.list_models():
@@ -40,8 +59,11 @@ def check_model_name(name: str) -> None:
 
 
 def encoder_fingerprint(model_name: str, checkpoint_digest: str) -> str:
-    """Identity of an encoder: model config name + checkpoint content digest."""
-    return f"{model_name}@{checkpoint_digest.removeprefix('sha256:')[:16]}"
+    """Identity of an encoder: model config name + checkpoint content digest (+ its centre crop,
+    which changes every embedding as much as the weights do)."""
+    crop = CENTRE_CROP.get(model_name, 1.0)
+    suffix = f"+crop{crop:g}" if crop < 1.0 else ""
+    return f"{model_name}@{checkpoint_digest.removeprefix('sha256:')[:16]}{suffix}"
 
 
 def stable_seed(*parts: Any) -> int:
@@ -124,12 +146,28 @@ def create_clip(model_name: str, checkpoint: str | None = None,
             f"{model_name!r} (paper preset: the ViT-L-14 open_clip_pytorch_model.bin; demo: run "
             f"`racm3 run fit-clip` first), or point the config's `checkpoint` at it"
         )
+    quiet = _DropRandomInit() if checkpoint is None else None  # random init is asked for here
+    if quiet:
+        logging.getLogger().addFilter(quiet)
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
             model_name, pretrained=checkpoint, device=device, weights_only=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {checkpoint} does not fit model config {model_name!r}: {e}") from e
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
+    crop = CENTRE_CROP.get(model_name, 1.0)
+    if crop < 1.0:  # every path (fit, embed, queries, judges) preprocesses through these
+        train_tf, eval_tf = CentreCrop(crop, train_tf), CentreCrop(crop, eval_tf)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)
+
+
+class _DropRandomInit(logging.Filter):
+    """open_clip warns (on the root logger) that a model without weights is random: fit-clip's point."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in str(record.msg)
 
 
 @dataclass

@@ -178,7 +178,7 @@ class FitClipStage(Stage):
     """One shard `model`: `fit-clip/model.pt` (an open_clip state dict) + recall in the manifest."""
 
     name = "fit-clip"
-    version = "2"
+    version = "3"  # 3: centre crop (model.clip_encoder.CENTRE_CROP)
     config = FitClipConfig
     description = "fit a tiny CLIP on the downloaded demo docs (demo bootstrap)"
 

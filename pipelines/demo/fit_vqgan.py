@@ -24,7 +24,9 @@ from model.images import load_image, to_tensor
 from model.text_tokenizer import train_bpe
 from model.vqgan import VQGAN, VQGANConfig, save_checkpoint
 from pipelines.core.config import StageConfig
+from pipelines.core.liblogs import route_lightning_logs
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from pipelines.training.steplog import StepLog
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
 from storage.schemas import BPE_SHARD, BPE_SUFFIX, SUCCESS, VQGAN_SHARD, VQGAN_SUFFIX
@@ -251,10 +253,12 @@ def fit(model: VQGAN, images: np.ndarray, cfg: FitVQGANConfig,
     loader = torch.utils.data.DataLoader(data, batch_size=min(cfg.batch_size, len(images)),
                                          shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
+    route_lightning_logs()  # its tips and banners through racm3's console filters
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=cfg.max_steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False,
-                        callbacks=[SafetyStop(cfg.max_seconds, cfg.max_steps)])
+                        callbacks=[SafetyStop(cfg.max_seconds, cfg.max_steps),
+                                   StepLog("fit-vqgan", cfg.max_steps)])
     module = VQGANModule(model, cfg)
     trainer.fit(module, loader)
     return module.model.eval(), trainer.global_step

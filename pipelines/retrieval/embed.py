@@ -92,7 +92,7 @@ class EmbedStage(Stage):
     """One embedding shard per download shard; the encoder is an input, so new weights re-embed."""
 
     name = "embed"
-    version = "1"
+    version = "2"  # 2: the demo CLIP sees a centre crop (model.clip_encoder.CENTRE_CROP)
     config = EmbedConfig
     engine = "beam"
     description = "CLIP text/image/document embeddings (paper §3.2, Fig 1b)"

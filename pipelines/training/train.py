@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import posixpath
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from model.transformer import Transformer, TransformerConfig, preset
 from pipelines.core.config import StageConfig
+from pipelines.core.liblogs import route_lightning_logs
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.training.checkpoints import save_model
 from pipelines.training.resume import StreamCheckpoint
@@ -49,6 +51,7 @@ from pipelines.training.sequences import (
     collate,
     longest_unit,
 )
+from pipelines.training.steplog import StepLog
 from pipelines.training.token_store import open_store
 from pipelines.training.workdir import WorkDir
 from storage.fs import DataRoot
@@ -112,7 +115,7 @@ class TrainConfig(StageConfig):
     threads: int = 0  # torch CPU threads; 0 = torch's start-up default (1 avoids stalls on shared cores)
     checkpoint_every: int = 100  # steps between checkpoints (last.ckpt is overwritten)
     log_every: int = 10  # steps between logged rows
-    progress_bar: bool = True  # show Lightning's progress bar
+    progress_bar: bool = True  # Lightning's bar on a terminal (a log line every 10 s either way)
     activation_checkpointing: bool = False  # recompute each block in backward (memory for time)
     ce_chunk: int = 0  # tokens per chunk of the loss's output projection (0 = all at once)
     work_dir: str = ""  # local dir for checkpoints/logs when the data root is not local
@@ -132,6 +135,19 @@ class TrainConfig(StageConfig):
         self.check(self.num_workers >= 0, "num_workers", "must be >= 0")
         self.check(min(self.n_layer, self.d_model, self.n_head) >= 0, "d_model",
                    "model sizes must be >= 0 (0 = the preset's)")
+        self.check(self.model in ("demo", "paper"), "model", "must be a model preset: demo, paper")
+        self.check(self.seq_len >= 0, "seq_len", "must be >= 0 (0 = automatic)")
+        self.check(self.batch_size > 0 and self.max_steps > 0, "max_steps", "steps/batch must be > 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self.check(self.k_max >= 0, "k_max", "must be >= 0")
+        self.check(self.alpha >= 0, "alpha", "must be >= 0 (0 = main-document loss only)")
+        self.check(0 <= self.mask_prob <= 1, "mask_prob", "must be in [0, 1]")
+        self.check(self.max_spans >= 1, "max_spans", "must be >= 1")
+        self.check(0 < self.max_span_frac <= 1, "max_span_frac", "must be in (0, 1]")
+        self.check(self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop")
+        self.check(0 <= self.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
+        self.check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
+        self.check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
         heads = self.n_head or preset(self.model, 1).n_head
         width = self.d_model or preset(self.model, 1).d_model
         self.check(width % heads == 0 and (width // heads) % 2 == 0, "d_model",
@@ -143,19 +159,6 @@ class TrainConfig(StageConfig):
                                    ("n_head", self.n_head)) if v}
         return preset(self.model, vocab_size, dropout=self.dropout,
                       max_seq_len=max(seq_len, preset(self.model, 1).max_seq_len), **sizes)
-        self.check(self.model in ("demo", "paper"), "model", "must be a model preset: demo, paper")
-        self.check(self.seq_len >= 0, "seq_len", "must be >= 0 (0 = automatic)")
-        self.check(self.batch_size > 0 and self.max_steps > 0, "max_steps", "steps/batch must be > 0")
-        self.check(0 <= self.warmup_steps < self.max_steps, "warmup_steps", "must be < max_steps")
-        self.check(self.k_max >= 0, "k_max", "must be >= 0")
-        self.check(self.alpha >= 0, "alpha", "must be >= 0 (0 = main-document loss only)")
-        self.check(0 <= self.mask_prob <= 1, "mask_prob", "must be in [0, 1]")
-        self.check(self.max_spans >= 1, "max_spans", "must be >= 1")
-        self.check(0 < self.max_span_frac <= 1, "max_span_frac", "must be in (0, 1]")
-        self.check(self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop")
-        self.check(0 <= self.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
-        self.check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")
-        self.check(self.checkpoint_every > 0, "checkpoint_every", "must be > 0")
 
     @property
     def out_name(self) -> str:
@@ -312,12 +315,14 @@ def make_trainer(cfg: TrainConfig, workdir: str, checkpoint_dir: str,
                            every_n_train_steps=cfg.checkpoint_every)
     devices: Any = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
     precision: Any = resolve_precision(cfg.precision)  # a string Lightning validates itself
+    route_lightning_logs()  # its tips and banners through racm3's console filters
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=devices,
         strategy=cfg.strategy, precision=precision,
         gradient_clip_val=cfg.grad_clip, logger=loggers(workdir),
-        callbacks=[ckpt, LearningRateMonitor("step"), *callbacks],
-        log_every_n_steps=cfg.log_every, enable_progress_bar=cfg.progress_bar,
+        callbacks=[ckpt, LearningRateMonitor("step"), StepLog(f"train/{cfg.out_name}", cfg.max_steps),
+                   *callbacks],
+        log_every_n_steps=cfg.log_every, enable_progress_bar=cfg.progress_bar and sys.stdout.isatty(),
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=workdir, deterministic=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.clip_encoder import (
     DocEncoder,
@@ -113,3 +114,27 @@ def test_demo_config_avg_pools_over_the_kept_patches_only(tmp_path):
     a = enc.encode_image(imgs, 0.2, [1, 2])  # the mean over the kept patches moves with the seed
     np.testing.assert_allclose(a, enc.encode_image(imgs, 0.2, [1, 2]), rtol=1e-6)
     assert not np.allclose(a, enc.encode_image(imgs, 0.2, [3, 4])) and not np.allclose(a, full)
+
+
+def framed(side: int = 256, border: int = 32) -> Image.Image:
+    """A red square on a blue frame `border` pixels wide."""
+    arr = np.zeros((side, side, 3), np.uint8)
+    arr[:] = (0, 0, 255)
+    arr[border:side - border, border:side - border] = (255, 0, 0)
+    return Image.fromarray(arr)
+
+
+def test_demo_clip_sees_the_centre_crop_and_its_fingerprint_says_so():
+    from model.clip_encoder import CENTRE_CROP, CentreCrop, encoder_fingerprint
+
+    crop = CentreCrop(0.75, lambda im: im)(framed())
+    assert crop.size == (192, 192)
+    arr = np.asarray(crop)
+    assert (arr[..., 2] < 10).all() and (arr[..., 0] > 245).all()  # the frame is gone, all of it
+    _, _, eval_tf, _ = create_clip("racm3-demo")
+    x = eval_tf(framed())  # normalised (3, 64, 64): blue channel low everywhere
+    _, _, plain_tf, _ = create_clip("racm3-tiny")  # no crop: the frame stays in
+    assert float(x[2].max()) < float(plain_tf(framed())[2].max()) - 1.0
+    assert CENTRE_CROP["racm3-demo"] == 0.75 and "racm3-tiny" not in CENTRE_CROP
+    assert encoder_fingerprint("racm3-demo", "sha256:" + "a" * 64).endswith("+crop0.75")
+    assert encoder_fingerprint("racm3-tiny", "sha256:" + "a" * 64) == "racm3-tiny@" + "a" * 16

@@ -30,6 +30,9 @@ def test_rows_judge_directions_against_the_reference_row():
     assert direction(math.nan, 1.0) == 0
     with pytest.raises(ValueError, match="unknown variants"):
         select("nope")
+    # a row that evaluates another row's checkpoint brings that row along
+    assert [v.name for v in select("rand-train-retr-infer")] == [
+        "ra-cm3", "rand-train-rand-infer", "rand-train-retr-infer"]
 
 
 @pytest.mark.slow
@@ -44,7 +47,7 @@ def test_every_variant_trains_its_own_checkpoint_and_is_evaluated(trained):  # n
             assert read_manifest(root, "train", v.name) is not None, v.name
     for r in table:
         assert r["ours_image_ppl"] > 1 and r["ours_text_ppl"] > 1, r["variant"]
-    random = read_manifest(trained, "train", "rand-train-retr-infer")
+    random = read_manifest(trained, "train", "rand-train-rand-infer")  # also rand-train-retr-infer's
     assert random.params["random_neighbours"] is True  # evaluated despite no index lineage
     out = trained.join("ablate")
     page = open(os.path.join(out, "ablate.report.html")).read()
