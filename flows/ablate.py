@@ -4,7 +4,8 @@ several seeds with mean ± sd per metric (Prefect flows; neither is part of `rac
 Table 5 (relevance: retrieved vs random documents at train and at inference; modality: text-only
 or image-only documents in context; diversity: top-K without the redundancy skip, no query
 dropout; the retrieved documents' loss weight alpha in {0, 0.1, 0.3, 1.0}), Table 6 (K = 1, 2, 4, 8
-at inference) and Fig 9 (two model sizes, RA-CM3 vs vanilla). Every trained variant writes its own
+at inference), Fig 9 (two model sizes, RA-CM3 vs vanilla) and, beyond the paper, both models
+trained without the block-diagonal mask between packed examples. Every trained variant writes its own
 checkpoint (`train.name` = the variant: train/<name>.pt) and its own evaluation (`evaluate.name`);
 variants that change the retrieved neighbours run in their own copy of the data root. The data
 root must hold the demo pipeline through `train` (ra-cm3 and vanilla: the "final" rows).
@@ -80,6 +81,13 @@ VARIANTS: tuple[Variant, ...] = (
             model="vanilla", against="small-ra"),
     Variant("base-vanilla", "Fig 9", "demo model, vanilla CM3", None, model="vanilla",
             against=FINAL, same_as=FINAL),
+    # Not in the paper (it trains one example per sequence): packed examples that can see each
+    # other, the way racm3 trained before train.block_mask.
+    Variant("no-mask-ra", "Packing", "RA-CM3, packed examples see each other (no block mask)",
+            None, train={"block_mask": False}),
+    Variant("no-mask-vanilla", "Packing", "vanilla CM3, no block mask", None,
+            train={"variant": "vanilla", "block_mask": False}, model="vanilla",
+            against="base-vanilla"),
 )
 
 
@@ -322,6 +330,7 @@ def over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
     values: dict[tuple[str, str], list[float]] = {}
+    separated: dict[tuple[str, str], list[int]] = {}  # per paired difference: its sign where the interval excludes 0
     for m in per_seed.values():
         for model, d in m["models"].items():
             for k, v in d.items():
@@ -330,11 +339,17 @@ def over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for pair, d in (m.get("differences") or {}).items():
             for k, v in d.items():
                 values.setdefault((pair, k), []).append(float(v["value"]))
+                sep = separated.setdefault((pair, k), [])
+                if v.get("separates"):
+                    sep.append(1 if v["value"] > 0 else -1)
     out: dict[str, Any] = {}
     for (group, k), vs in values.items():
         arr = np.asarray(vs)
         out.setdefault(group, {})[k] = {"mean": round(float(arr.mean()), 4), "n": len(vs),
                                         "sd": round(float(arr.std(ddof=1)), 4) if len(vs) > 1 else None}
+        if (group, k) in separated:  # how many seeds' paired intervals exclude 0, by sign
+            signs = separated[(group, k)]
+            out[group][k] |= {"above_0": signs.count(1), "below_0": signs.count(-1)}
     return out
 
 
@@ -343,13 +358,16 @@ def seeds_markdown(summary: dict[str, Any], seeds: list[int]) -> str:
     names: list[str] = []
     for g in groups:
         names += [k for k in summary[g] if k not in names]
-    lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (test split):", "",
+    lines = [f"Mean ± sd over seeds {', '.join(map(str, seeds))} (test split). For a paired "
+             f"difference, (a↓ b↑ of n): seeds whose 95% bootstrap interval lies wholly below / "
+             f"above 0.", "",
              "| metric | " + " | ".join(groups) + " |", "|" + "---|" * (len(groups) + 1)]
     for n in names:
         cells = []
         for g in groups:
             c = summary[g].get(n)
-            cells.append("—" if c is None else f"{c['mean']:.4g}" + (f" ± {c['sd']:.2g}" if c["sd"] is not None else ""))
+            cells.append("—" if c is None else f"{c['mean']:.4g}" + (f" ± {c['sd']:.2g}" if c["sd"] is not None else "")
+                         + (f" ({c['below_0']}↓ {c['above_0']}↑ of {c['n']})" if "above_0" in c else ""))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--max-caption-tokens", type=int, default=24)
+    p.add_argument("--min-caption-tokens", type=int, default=1,
+                   help="image -> caption: the end token is refused before this many (0 = allow empty)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight of the caption (0 = off)")
     p.add_argument("--doc-guidance", type=float, default=0.0,
@@ -74,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   context_images=tuple(args.context_image),
                   context_captions=tuple(args.context_caption), samples=args.samples,
                   seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                  max_caption_tokens=args.max_caption_tokens, guidance_caption=args.guidance,
+                  max_caption_tokens=args.max_caption_tokens,
+                  min_caption_tokens=args.min_caption_tokens, guidance_caption=args.guidance,
                   guidance_documents=args.doc_guidance, ensemble=args.ensemble, out=args.out,
                   device=args.device)
     try:

@@ -49,12 +49,13 @@ def sample(model: Transformer, prompt: torch.Tensor, positions: torch.Tensor, ma
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            allowed: Collection[int] | None = None, stop: int | None = None,
            generator: torch.Generator | None = None,
-           forced: Sequence[int] | None = None) -> torch.Tensor:
+           forced: Sequence[int] | None = None, min_new: int = 0) -> torch.Tensor:
     """Continue prompt (B, T) whose positions are (B, T); returns the new ids (B, <= max_new).
 
     `allowed` restricts sampling to a set of ids (e.g. image codes while generating an image);
     generation stops once every row has produced `stop`. temperature 0 means greedy.
     `forced[t] >= 0` feeds that id at step t instead of a sample (infilling's known tokens).
+    `min_new`: `stop` cannot be sampled before that many new tokens (no empty captions).
     """
     model.eval()
     logits, cache = model(prompt, positions)
@@ -65,6 +66,8 @@ def sample(model: Transformer, prompt: torch.Tensor, positions: torch.Tensor, ma
         step = logits[:, -1].float()  # (B, V)
         if keep is not None:
             step = step.masked_fill(~keep, float("-inf"))
+        if stop is not None and t < min_new:
+            step[:, stop] = float("-inf")
         nxt = force(pick(step, temperature, top_k, top_p, generator), forced, t)  # (B, 1)
         out.append(nxt)
         if stop is not None:

@@ -165,7 +165,7 @@ def drive(stage: Stage, root: DataRoot, cfgs: dict[str, Any], executor: Executor
                         report.add(m)
                     else:
                         report.failed[spec.shard_id] = error or "failed"
-                    progress.shard_done(m.rows_in if m else 0, failed=m is None)
+                    progress.shard_done((m.rows_in or m.rows_out) if m else 0, failed=m is None)  # a source: its output
 
             try:
                 (executor or InProcess()).run(job, todo, on_result)

@@ -80,14 +80,17 @@ def generate_images(model: Transformer, vocab: Vocab, caption_ids: Sequence[int]
 def generate_captions(model: Transformer, vocab: Vocab, image_codes: Sequence[int], m: int,
                       max_tokens: int, context: Sequence[Doc] = (),
                       params: Sampling = Sampling(),
-                      generator: torch.Generator | None = None) -> list[list[int]]:
-    """m sampled captions (raw text ids, cut at <eos>) for one image, via the infilling prompt."""
+                      generator: torch.Generator | None = None,
+                      min_tokens: int = 0) -> list[list[int]]:
+    """m sampled captions (raw text ids, cut at <eos>, at least min_tokens long) for one image,
+    via the infilling prompt."""
     ids, pos = image_to_text_prompt(vocab, image_codes, context)
     device = next(model.parameters()).device
     prompt, positions = _batch(ids, pos, m, device)
     allowed = [EOS, *range(vocab.text_offset, vocab.image_offset)]
     out = sample(model, prompt, positions, max_tokens, params.temperature, params.top_k,
-                 params.top_p, allowed=allowed, stop=EOS, generator=generator)  # (m, <= max_tokens)
+                 params.top_p, allowed=allowed, stop=EOS, generator=generator,
+                 min_new=min_tokens)  # (m, <= max_tokens)
     caps = []
     for row in out.cpu().tolist():
         row = row[: row.index(EOS)] if EOS in row else row

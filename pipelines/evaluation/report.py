@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 CURVES = ("l_main", "l_image", "l_text")  # main-document losses: comparable across variants
 COLOURS = {"ra-cm3": "#d62728", "vanilla": "#1f77b4"}
-LOWER_IS_BETTER = ("FID", "ppl")
+LOWER_IS_BETTER = ("FID", "KID", "ppl")
 THUMB = 96  # displayed side of every image in the grids
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]  # variant -> metric -> [(step, value)]

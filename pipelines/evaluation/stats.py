@@ -1,4 +1,10 @@
-"""Percentile bootstrap over evaluation images: a 95% interval per metric and for paired differences."""
+"""Bootstrap over evaluation images: a 95% interval per metric and for paired differences.
+
+Set-level metrics (FID, KID, corpus CIDEr-D) are biased by the repeated images of a resample: the
+FID of a bootstrap draw sits well above the FID of the images themselves (seed 0 demo: 34.0 vs a
+percentile interval of [36.7, 46.8]). So each interval is the percentile interval shifted by the
+bootstrap's estimate of that bias (mean over draws minus the estimate); for a mean the shift is ~0.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +39,8 @@ def resamples(n: int, count: int, seed: int) -> np.ndarray:
 
 
 def bootstrap(stat: Statistic, draws: np.ndarray, level: float = 0.95) -> Interval:
-    """stat on all rows, and the (1-level)/2 .. (1+level)/2 percentiles of stat over the draws
-    (draws where the statistic is undefined, NaN, are left out)."""
+    """stat on all rows, and the (1-level)/2 .. (1+level)/2 percentiles of stat over the draws,
+    shifted by the draws' bias (draws where the statistic is undefined, NaN, are left out)."""
     n = draws.shape[1]
     value = float(stat(np.arange(n)))
     vals = np.array([stat(d) for d in draws], dtype=np.float64)
@@ -42,7 +48,8 @@ def bootstrap(stat: Statistic, draws: np.ndarray, level: float = 0.95) -> Interv
     if not len(vals):
         return Interval(value, float("nan"), float("nan"))
     lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-    return Interval(value, float(lo), float(hi))
+    bias = float(vals.mean()) - value  # what resampling itself adds to the statistic
+    return Interval(value, float(lo) - bias, float(hi) - bias)
 
 
 def paired_difference(a: Statistic, b: Statistic, draws: np.ndarray,

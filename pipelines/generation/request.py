@@ -49,6 +49,7 @@ class Request:
     temperature: float = 1.0
     top_p: float = 0.9
     max_caption_tokens: int = 24
+    min_caption_tokens: int = 1  # no empty captions (an untrained model often ends at once)
     guidance_caption: float = 0.0  # classifier-free guidance weight of the caption (0 = off)
     guidance_documents: float = 0.0  # guidance weight of the in-context documents (0 = off)
     ensemble: int = 0  # caption -> image: this many documents as an ensemble of 2-document passes (0 = off)
@@ -71,6 +72,8 @@ class Request:
                              f"{len(self.context_captions)} --context-caption: give them in pairs")
         if self.samples < 1:
             raise ValueError("--samples must be >= 1")
+        if not 0 <= self.min_caption_tokens <= self.max_caption_tokens:
+            raise ValueError("--min-caption-tokens must be in [0, --max-caption-tokens]")
         if self.ensemble and (self.mode != "caption-to-image" or self.guidance_caption
                               or self.guidance_documents):
             raise ValueError("--ensemble is for caption -> image without guidance")
@@ -113,7 +116,7 @@ def run(bench: Workbench, req: Request) -> tuple[Ranked, Context, Image.Image | 
     if req.mode == "image-to-caption":
         assert image is not None
         return image_to_caption(bench, image, context, req.samples, req.max_caption_tokens,
-                                req.sampling, gen), context, image
+                                req.sampling, gen, req.min_caption_tokens), context, image
     if req.mode == "infill":
         assert image is not None
         box = Box.parse(req.box)

@@ -67,11 +67,11 @@ def caption_to_image(bench: Workbench, caption: str, context: Context, n: int,
 
 def image_to_caption(bench: Workbench, image: Image.Image, context: Context, m: int,
                      max_tokens: int, params: Sampling,
-                     generator: torch.Generator | None = None) -> Ranked:
+                     generator: torch.Generator | None = None, min_tokens: int = 1) -> Ranked:
     """m captions for the image (CM3 infilling prompt), lowest perplexity first."""
     codes = bench.encode_images([image])[0]
     caps = generate_captions(bench.model, bench.vocab, codes, m, max_tokens, context.docs, params,
-                             generator)
+                             generator, min_tokens)
     nll = caption_nll(bench.model, bench.vocab, codes, caps, context.docs)
     order = np.argsort(nll, kind="stable")
     return Ranked(captions=[bench.decode_caption(caps[i]) for i in order],

@@ -67,3 +67,13 @@ def test_weight_zero_samples_exactly_the_unguided_distribution(model):
                            generator=gen())
     assert not torch.equal(plain, strong)
     assert ((strong >= 10) & (strong < 30)).all()
+
+
+def test_stop_is_refused_before_min_new_tokens(model):
+    """Greedy decoding that would stop at once (stop = its argmax) runs min_new tokens first."""
+    ids, pos = prompt(6)
+    p, q = torch.tensor([ids]), torch.tensor([pos])
+    first = int(sample(model, p, q, 1, temperature=0)[0, 0])  # what greedy emits first
+    assert sample(model, p, q, 5, temperature=0, stop=first).shape[1] == 1  # stops at once
+    out = sample(model, p, q, 5, temperature=0, stop=first, min_new=3)
+    assert out.shape[1] >= 3 and (out[0, :3] != first).all()

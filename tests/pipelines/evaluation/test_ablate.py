@@ -59,10 +59,13 @@ def test_over_seeds_mean_and_sd():
     from flows.ablate import over_seeds, seeds_markdown
 
     per = {s: {"models": {"ra-cm3": {"image ppl": v, "perplexity_n": 4}},
-               "differences": {"ra-cm3 - vanilla": {"image ppl": {"value": -v / 10}}}}
+               "differences": {"ra-cm3 - vanilla": {"image ppl": {"value": -v / 10,
+                                                                   "separates": v > 2}}}}
            for s, v in ((0, 2.0), (1, 4.0), (2, 6.0))}
     out = over_seeds(per)
     assert out["ra-cm3"]["image ppl"] == {"mean": 4.0, "sd": 2.0, "n": 3}
     assert "perplexity_n" not in out["ra-cm3"]
-    assert out["ra-cm3 - vanilla"]["image ppl"]["mean"] == -0.4
-    assert "4 ± 2" in seeds_markdown(out, [0, 1, 2])
+    diff = out["ra-cm3 - vanilla"]["image ppl"]
+    assert diff["mean"] == -0.4 and (diff["below_0"], diff["above_0"]) == (2, 0)  # seeds 1 and 2
+    text = seeds_markdown(out, [0, 1, 2])
+    assert "4 ± 2" in text and "-0.4 ± 0.2 (2↓ 0↑ of 3)" in text
