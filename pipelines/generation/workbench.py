@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,8 @@ class Workbench:
     memory: dict[str, np.ndarray]  # key -> encoded document ids
     device: str = "cpu"
     models: dict[str, Transformer] = field(default_factory=dict)  # every loaded variant
+    # Loaded on first use and shared by every `use(variant)` copy (one CLIP and index, not one per call).
+    shared: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> int:
@@ -50,14 +51,21 @@ class Workbench:
     def image_size(self) -> int:
         return int(self.tok_cfg.image_size)
 
-    @cached_property
+    @property
     def retriever(self) -> Retriever:
-        cfg = config_of(self.root, "retrieve", missing_ok=True)
-        return Retriever(self.root, replace(cfg, use_gpu=False), self.device)
+        if "retriever" not in self.shared:
+            cfg = config_of(self.root, "retrieve", missing_ok=True)
+            self.shared["retriever"] = Retriever(self.root, replace(cfg, use_gpu=False), self.device)
+        return self.shared["retriever"]
 
-    @cached_property
+    @property
     def captions(self) -> dict[str, str]:
         """Memory key -> caption text (for pages and for choosing demonstrations)."""
+        if "captions" not in self.shared:
+            self.shared["captions"] = self._read_captions()
+        return self.shared["captions"]
+
+    def _read_captions(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for m in list_manifests(self.root, "tokenize"):
             t = read_table(self.root, self.root.artifact("tokenize", m.shard_id, "parquet"),
@@ -67,7 +75,7 @@ class Workbench:
         return out
 
     def use(self, variant: str) -> Workbench:
-        """The same workbench prompting another loaded variant."""
+        """The same workbench prompting another loaded variant (its retriever and captions shared)."""
         return replace(self, variant=variant, model=self.models[variant])
 
     # ------------------------------------------------------------------ conversions
