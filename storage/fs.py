@@ -49,10 +49,13 @@ class DataRoot:
 
     def local_copy(self, path: str) -> str:
         """A local file for libraries that only open local paths (torch, open_clip, tokenizers):
-        the path itself on a local root, else a copy cached once per machine (keyed by URL)."""
+        the path itself on a local root, else a copy cached once per machine, keyed by URL and by
+        fsspec's `ukey` (size, ETag, mtime), so a re-fitted checkpoint at the same URL is fetched anew."""
         if self.is_local:
             return path
-        dest = os.path.join(tempfile.gettempdir(), "racm3-cache", self.url(path).replace("/", "_"))
+        self.fs.invalidate_cache(path)  # info() must see the object as it is now
+        version = self.fs.ukey(path)[:16]  # a folder per version: the name keeps its suffix
+        dest = os.path.join(tempfile.gettempdir(), "racm3-cache", version, self.url(path).replace("/", "_"))
         if not os.path.exists(dest):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             part = f"{dest}.{uuid.uuid4().hex[:8]}.part"
