@@ -36,6 +36,11 @@ def register_configs() -> None:
 CENTRE_CROP: dict[str, float] = {"racm3-demo": 0.75}
 
 
+def centre_crop(model_name: str) -> float:
+    """The share of the shorter side `model_name` sees (1.0: the whole image)."""
+    return CENTRE_CROP.get(model_name, 1.0)
+
+
 class CentreCrop:
     """Keep the centred `fraction` of the shorter side (a square), then apply `then`."""
 
@@ -61,7 +66,7 @@ def check_model_name(name: str) -> None:
 def encoder_fingerprint(model_name: str, checkpoint_digest: str) -> str:
     """Identity of an encoder: model config name + checkpoint content digest (+ its centre crop,
     which changes every embedding as much as the weights do)."""
-    crop = CENTRE_CROP.get(model_name, 1.0)
+    crop = centre_crop(model_name)
     suffix = f"+crop{crop:g}" if crop < 1.0 else ""
     return f"{model_name}@{checkpoint_digest.removeprefix('sha256:')[:16]}{suffix}"
 
@@ -157,7 +162,7 @@ def create_clip(model_name: str, checkpoint: str | None = None,
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
-    crop = CENTRE_CROP.get(model_name, 1.0)
+    crop = centre_crop(model_name)
     if crop < 1.0:  # every path (fit, embed, queries, judges) preprocesses through these
         train_tf, eval_tf = CentreCrop(crop, train_tf), CentreCrop(crop, eval_tf)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)

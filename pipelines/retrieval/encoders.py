@@ -45,9 +45,6 @@ class EncoderCache:
         return self._encoder  # type: ignore[return-value]
 
 
-
-
-
 def embed_encoder(root: DataRoot, shard_id: str) -> dict[str, Any]:
     """model, checkpoint, fingerprint and dim recorded by an embed shard's manifest."""
     m = read_manifest(root, "embed", shard_id)
