@@ -81,6 +81,12 @@ def test_block_mask_false_is_the_old_unmasked_loss(batch_and_vocab):
     (dict(precision="bf17"), "train.precision"),
     (dict(ce_chunk=-1), "train.ce_chunk"),
     (dict(name="../x"), "train.name"),
+    # checks that once sat after a `return` and never ran
+    (dict(k_max=-1), "train.k_max"),
+    (dict(mask_prob=1.5), "train.mask_prob"),
+    (dict(overlong="wrap"), "train.overlong"),
+    (dict(checkpoint_every=0), "train.checkpoint_every"),
+    (dict(model="huge"), "train.model"),
 ])
 def test_gpu_settings_are_checked(fields, bad):
     TrainConfig.SECTION = "train"
