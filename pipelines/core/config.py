@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -79,17 +80,27 @@ def load_raw(preset: str = "demo", file: str | Path | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
     raw = load_preset(preset)
     if file is not None:
-        path = Path(file)
-        if not path.exists():
-            raise ConfigError("--config", f"file {path} does not exist")
-        try:
-            raw = merge(raw, tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from e
+        raw = merge(raw, read_config_file(Path(file)))
     for item in overrides or []:
         (section, key), value = parse_override(item)
         raw = merge(raw, {section: {key: value}})
     return raw
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML table of a `--config` file; any problem with the file is a ConfigError naming it."""
+    if not path.exists():
+        raise ConfigError("--config", f"file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError("--config", f"{path} is not a file (a directory?)")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", f"{path} is not UTF-8 text: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", f"{path} is not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError("--config", f"{path} cannot be read: {e}") from e
 
 
 def build(cls: type, section: str, values: dict[str, Any]) -> Any:
@@ -135,6 +146,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(name, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # inf/nan overflow timers and deadlines downstream
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

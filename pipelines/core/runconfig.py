@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ class RunConfig(StageConfig):
     lease_ttl_s: float = 60.0  # a lease not renewed for this long is expired (holder dead)
 
     def __post_init__(self) -> None:
+        for name in ("shard_timeout_s", "lease_wait_s", "lease_ttl_s"):
+            self.check(math.isfinite(getattr(self, name)), name, "must be a finite number")
         self.check(self.retries >= 0, "retries", "must be >= 0")
         self.check(self.shard_concurrency >= 1, "shard_concurrency", "must be >= 1")
         self.check(self.shard_timeout_s >= 0, "shard_timeout_s", "must be >= 0 (0 = no limit)")

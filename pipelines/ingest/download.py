@@ -9,6 +9,7 @@ runs on Beam: one element per URL shard, the downloader built once per worker in
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -57,8 +58,9 @@ class DownloadConfig(StageConfig):
         self.check(self.min_image_size >= 0, "min_image_size", "must be >= 0")
         self.check(1 <= self.encode_quality <= 100, "encode_quality", "must be in [1, 100]")
         self.check(self.retries >= 0, "retries", "must be >= 0")
-        self.check(self.url_timeout_s > 0, "url_timeout_s", "must be > 0")
-        self.check(self.shard_deadline_s > 0, "shard_deadline_s", "must be > 0")
+        for name in ("url_timeout_s", "shard_deadline_s"):
+            self.check(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name,
+                       "must be a finite number > 0")
         self.check(self.threads >= 1, "threads", "must be >= 1")
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")

@@ -76,6 +76,8 @@ class FilterConfig(StageConfig):
         self.check(bool(self.caption_col), "caption_col", "the caption column is required")
         self.check(self.missing_scores in ("drop", "keep"), "missing_scores", 'must be "drop" or "keep"')
         self.check(self.duckdb_threads >= 1, "duckdb_threads", "must be >= 1")
+        self.check(duckdb_accepts_memory_limit(self.duckdb_memory_limit), "duckdb_memory_limit",
+                   f"{self.duckdb_memory_limit!r} is not a DuckDB memory size (e.g. \"1GB\", \"512MiB\")")
 
 
 def metadata_files(root: DataRoot, cfg: FilterConfig) -> list[str]:
@@ -250,6 +252,15 @@ def read_rows(fs: Any, path: str, cols: dict[str, str | None], start: int, stop:
             out[logical] = table[c]
     out["bad_utf8"] = bad
     return pa.table(out)
+
+
+def duckdb_accepts_memory_limit(limit: str) -> bool:
+    """DuckDB itself judges the string (its units and forms are its own)."""
+    try:
+        duckdb.connect(config={"memory_limit": limit}).close()
+    except duckdb.Error:
+        return False
+    return True
 
 
 def connect_duckdb(cfg: FilterConfig) -> duckdb.DuckDBPyConnection:
