@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
+import posixpath
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,6 +17,13 @@ from typing import Any
 from storage.fs import DataRoot
 
 MANIFEST_VERSION = 1
+log = logging.getLogger("racm3")
+# Stage names and shard ids become path parts and SQL view names: plain names only.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+class BadManifest(ValueError):
+    """A manifest file that is not a manifest of the shard its location names."""
 
 
 @dataclass(frozen=True)
@@ -80,16 +90,57 @@ def combined_digest(outputs: dict[str, str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def read_manifest(root: DataRoot, stage: str, shard_id: str) -> Manifest | None:
-    """The shard's manifest, or None when it has none (then the shard does not exist)."""
-    path = root.manifest_path(stage, shard_id)
-    if not root.exists(path):
+def safe_name(name: object) -> bool:
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None and ".." not in name
+
+
+def confined(rel: object) -> bool:
+    """A relative path that stays inside the data root (no absolute path, URL or `..`)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "://" in rel or "\\" in rel:
+        return False
+    norm = posixpath.normpath(rel)
+    return norm == rel and norm != ".." and not norm.startswith("../")
+
+
+def parse_manifest(data: bytes, stage: str, shard_id: str) -> Manifest:
+    """The manifest in `data`, found at `<stage>/<shard_id>.manifest.json`; BadManifest when the
+    bytes are not a manifest of that very shard (manifests in a shared root are untrusted data)."""
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadManifest(f"not UTF-8 JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise BadManifest(f"a JSON {type(d).__name__}, not an object")
+    if d.get("stage") != stage or d.get("shard_id") != shard_id:
+        raise BadManifest(f"names {d.get('stage')!r}/{d.get('shard_id')!r}, not its location")
+    outputs = d.get("outputs")
+    if not isinstance(outputs, dict) or not all(confined(k) for k in outputs):
+        raise BadManifest("an output path leaves the data root")
+    try:
+        return Manifest.from_dict(d)
+    except (TypeError, KeyError, ValueError) as e:
+        raise BadManifest(f"malformed: {e}") from e
+
+
+def _load(root: DataRoot, path: str, stage: str, shard_id: str) -> Manifest | None:
+    """The manifest at `path`, or None (logged) when it is missing or not a valid manifest."""
+    try:
+        with root.fs.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
         return None
     try:
-        with root.fs.open(path, "r") as f:
-            return Manifest.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, KeyError):
-        return None  # a corrupt manifest means the shard must be recomputed
+        if not (safe_name(stage) and safe_name(shard_id)):
+            raise BadManifest("stage or shard id is not a plain name")
+        return parse_manifest(data, stage, shard_id)
+    except BadManifest as e:
+        log.warning("skipping manifest %s: %s (the shard counts as missing)", root.rel(path), e)
+        return None
+
+
+def read_manifest(root: DataRoot, stage: str, shard_id: str) -> Manifest | None:
+    """The shard's manifest, or None when it has none or a corrupt one (then it is recomputed)."""
+    return _load(root, root.manifest_path(stage, shard_id), stage, shard_id)
 
 
 def write_manifest(root: DataRoot, m: Manifest) -> str:
@@ -99,14 +150,14 @@ def write_manifest(root: DataRoot, m: Manifest) -> str:
 
 
 def list_manifests(root: DataRoot, stage: str | None = None) -> list[Manifest]:
+    """Every valid manifest (of `stage`); corrupt or misplaced ones are logged and skipped."""
     pattern = f"{stage or '*'}/*.manifest.json"
     out = []
     for p in root.glob(pattern):
-        with root.fs.open(p, "r") as f:
-            try:
-                out.append(Manifest.from_dict(json.load(f)))
-            except (json.JSONDecodeError, TypeError):
-                continue
+        folder, name = root.rel(p).rsplit("/", 1)
+        m = _load(root, p, folder, name.removesuffix(".manifest.json"))
+        if m is not None:
+            out.append(m)
     return out
 
 

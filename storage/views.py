@@ -71,9 +71,10 @@ def connect(root: DataRoot) -> duckdb.DuckDBPyConnection:
     if not root.is_local:
         con.register_filesystem(root.fs)
     for stage, files in shard_files(root, check=True).items():
-        listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        con.execute(f'CREATE VIEW "{stage}" AS SELECT * FROM read_parquet([{listing}], '
-                    "union_by_name = true, filename = true)")
+        # No SQL text is built from the data root: the view name and the file list go to DuckDB
+        # as values (the manifest loader has also checked that the stage is a plain name).
+        rel = con.read_parquet(files, union_by_name=True, filename=True)
+        rel.create_view(stage)
     con.register("manifests_arrow", manifests_table(root))
     con.execute("CREATE VIEW manifests AS SELECT * FROM manifests_arrow")
     return con
