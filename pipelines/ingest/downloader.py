@@ -23,8 +23,9 @@ from storage.schemas import IMAGE_SHARD, SUCCESS
 
 log = logging.getLogger(__name__)
 CARRY = ("key", "url", "caption", "pwatermark", "punsafe", "similarity")
-# Failures worth another try: the network hiccupped. Refusals and 4xx answers would only repeat.
-RETRYABLE = ("failed_to_download",)
+# Failures worth another try: the network hiccupped or cut a body short. Refusals, 4xx answers,
+# timeouts (the URL's time is spent) and what the image itself causes would only repeat.
+RETRYABLE = ("failed_to_download", "truncated")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ import math
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -23,6 +25,9 @@ from pipelines.ingest.netpolicy import NetPolicy
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 1 << 16
+# getaddrinfo has no timeout of its own (the resolver's retries can take tens of seconds): it runs
+# here and the URL's thread waits for it only until the URL's deadline. A late answer is dropped.
+_RESOLVER = ThreadPoolExecutor(4, thread_name_prefix="racm3-dns")
 UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
@@ -86,12 +91,21 @@ def _tls_context() -> ssl.SSLContext:
 _TLS = _tls_context()
 
 
-def connect(host: str, port: int, policy: NetPolicy, deadline: float) -> socket.socket:
-    """A TCP socket connected to an address of `host` that the policy allows (checked twice)."""
+def resolve(host: str, port: int, deadline: float) -> list[Any]:
+    """getaddrinfo bounded by `deadline` (monotonic): past it, a "timeout" refusal."""
+    job = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return job.result(timeout=max(deadline - time.monotonic(), 0.001))
+    except FutureTimeout as e:
+        job.cancel()
+        raise Refused("timeout", f"dns: no answer for {host} by the URL deadline") from e
     except socket.gaierror as e:
         raise Refused("failed_to_download", f"dns: cannot resolve {host}: {e}") from e
+
+
+def connect(host: str, port: int, policy: NetPolicy, deadline: float) -> socket.socket:
+    """A TCP socket connected to an address of `host` that the policy allows (checked twice)."""
+    infos = resolve(host, port, deadline)
     refusal, last_err = None, None
     for family, stype, proto, _, addr in infos:
         ip = str(addr[0])
@@ -191,6 +205,9 @@ def _read_capped(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
     while True:
         chunk = resp.read(CHUNK)
         if not chunk:
+            if length and length.strip().isdigit() and size < int(length):
+                # http.client returns a short body when the peer closes early; a retry may succeed
+                raise Refused("truncated", f"truncated: {size} of {int(length)} bytes (Content-Length)")
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:

@@ -106,6 +106,13 @@ class Hostile(BaseHTTPRequestHandler):
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
                     time.sleep(1.0)
+            elif p == "/truncated":  # announces the whole image, sends half, hangs up
+                body = self.files["/ok.jpg"]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
             elif p == "/html":
                 self._send(200, b"<!doctype html><p>not an image</p>", {"Content-Type": "text/html"})
             else:
