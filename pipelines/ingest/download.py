@@ -49,6 +49,8 @@ class DownloadConfig(StageConfig):
     max_bytes: int = 20_000_000  # a response body over this is refused ("too_large")
     max_redirects: int = 5  # each hop's address is checked again
     max_image_pixels: int = 40_000_000  # width x height from the header; above it: "too_many_pixels"
+    max_decode_bytes: int = 160_000_000  # pixels x channels x bytes per sample; above it: "too_costly"
+    max_jpeg_scans: int = 100  # a progressive JPEG decodes once per scan; above it: "too_costly"
     disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
 
     def __post_init__(self) -> None:
@@ -65,6 +67,8 @@ class DownloadConfig(StageConfig):
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
         self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        self.check(self.max_decode_bytes >= 1, "max_decode_bytes", "must be >= 1")
+        self.check(self.max_jpeg_scans >= 1, "max_jpeg_scans", "must be >= 1")
         for entry in self.allow_hosts:
             try:
                 split_host_port(entry)
@@ -81,7 +85,7 @@ def build_downloader(cfg: DownloadConfig) -> ShardDownloader:
                     disallowed_directives=frozenset(
                         d.strip().lower() for d in cfg.disallowed_header_directives)),
         ImageResizer(cfg.image_size, cfg.resize_mode, cfg.min_image_size, cfg.encode_quality,
-                     cfg.max_image_pixels),
+                     cfg.max_image_pixels, cfg.max_decode_bytes, cfg.max_jpeg_scans),
         DownloadLimits(cfg.url_timeout_s, cfg.shard_deadline_s, cfg.retries),
         cfg.threads)
 

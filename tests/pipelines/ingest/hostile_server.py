@@ -188,3 +188,29 @@ def hostile_servers(files: dict[str, bytes]) -> Iterator[tuple[str, str]]:
         for s in servers:
             s.shutdown()
             s.server_close()
+
+
+def progressive_jpeg(w: int, h: int, scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has `scans` scans: libjpeg decodes
+    each repeat again over the whole image (a bogus progression is only a warning to it)."""
+    import re
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 80, 200)).save(buf, format="JPEG", quality=80, progressive=True)
+    data = buf.getvalue()
+    last = data.rindex(b"\xff\xda")
+    end = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]").search(data, last + 2).start()
+    have = data.count(b"\xff\xda")  # flat image: no 0xFF 0xDA inside entropy data
+    return data[:end] + data[last:end] * (scans - have) + data[end:]
+
+
+def png_rgba16(w: int, h: int) -> bytes:
+    """A flat 16-bit RGBA PNG (small on the wire): 8 bytes a pixel once decoded as it is."""
+    import cv2
+    import numpy as np
+
+    img = np.empty((h, w, 4), np.uint16)
+    img[:] = (30000, 40000, 50000, 32768)
+    ok, out = cv2.imencode(".png", img)
+    assert ok
+    return out.tobytes()
