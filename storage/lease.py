@@ -1,22 +1,34 @@
-"""One writer per stage: a lease file `<root>/<stage>/.lease.json` (owner, host, pid, expiry).
+"""One writer per stage: a lease file `<root>/<stage>/.lease.json` that fences its holder's commits.
 
 Taken by the driver before a stage runs and renewed by a heartbeat thread. Creation is atomic:
 O_CREAT|O_EXCL on local disk, and fsspec's `pipe_file(mode="create")` elsewhere, which s3fs turns
-into a conditional PutObject (`IfNoneMatch="*"`); a filesystem without conditional writes falls
-back to fsspec's exists-then-write (not atomic; two runs starting in the same instant could both
-win there). A lease whose holder is dead (same host, pid gone) or that was not renewed within
-`run.lease_ttl_s` is taken over; the takeover itself is serialised by a second exclusive file.
+into a conditional PutObject (`IfNoneMatch="*"`; a concurrent one answers 409, an `OSError(EBUSY)`,
+which means "taken"). A filesystem without conditional writes falls back to fsspec's
+exists-then-write (not atomic there).
+
+Every change of an existing lease (a renewal, a takeover) happens while holding a second exclusive
+file, `.lease.json.takeover`, and only if the lease still reads as it did: so a late renewal never
+erases another run's takeover. Expiry is judged by the store's clock alone (the lease file's mtime
+against the mtime of that freshly created marker), never by comparing two machines' clocks. A
+holder on this very machine (same boot id and PID namespace) whose pid is gone is dead at once.
+
+A holder that loses its lease (taken over after its renewals failed for `run.lease_ttl_s`) is
+fenced: `check_holder`, called by the commit path before outputs are renamed into place and before
+the manifest is written, raises `LeaseLost`, so its shards never count as done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,10 +38,27 @@ from storage.fs import DataRoot
 log = logging.getLogger("racm3")
 POLL_S = 0.5
 TAKEOVER_STALE_S = 30.0  # a takeover marker older than this was left by a killed process
+# (root, stage, owner) of leases this process's heartbeats gave up on: fenced without any I/O
+_LOST: set[tuple[str, str, str]] = set()
 
 
 class LeaseHeld(Exception):
     """Another live run holds the stage's lease (the CLI exits 2 with this message)."""
+
+
+class LeaseLost(Exception):
+    """This run no longer holds the stage's lease: its shard must not be committed."""
+
+
+def machine_id() -> str:
+    """This machine and PID namespace: pids are comparable only between equal ids (a container
+    shares its host name with its neighbours far more often than its boot id and PID namespace)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: the host name is the best there is
+        return f"host:{socket.gethostname()}"
 
 
 @dataclass(frozen=True)
@@ -38,9 +67,13 @@ class Lease:
     owner: str
     host: str
     pid: int
-    acquired_at: float
+    acquired_at: float  # holder's clock: for people reading it, never for expiry
     heartbeat_at: float
     expires_at: float
+    machine: str = ""  # machine_id() of the holder ("" in leases from before it was recorded)
+    ttl_s: float = 0.0  # not renewed for this long by the store's clock: expired
+    token: str = ""  # this acquisition's id
+    generation: int = 0  # renewals so far: a renewal writes only over the generation it last wrote
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -77,13 +110,18 @@ def create_exclusive(root: DataRoot, path: str, data: bytes) -> bool:
             root.fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
+    except OSError as e:
+        if e.errno == errno.EBUSY:  # S3 409 ConditionalRequestConflict: a concurrent create won
+            return False
+        raise
     return True
 
 
-def is_dead(lease: Lease, now: float) -> bool:
-    if lease.expires_at < now:
+def is_dead(lease: Lease, age_s: float, ttl: float) -> bool:
+    """Expired by the store's clock (`age_s`: since its last write), or a gone pid on this machine."""
+    if age_s > (lease.ttl_s or ttl):
         return True
-    if lease.host == socket.gethostname() and lease.pid > 0:
+    if lease.machine and lease.machine == machine_id() and lease.pid > 0:
         try:
             os.kill(lease.pid, 0)
         except ProcessLookupError:
@@ -95,7 +133,8 @@ def is_dead(lease: Lease, now: float) -> bool:
 
 def _new(stage: str, owner: str, ttl: float) -> Lease:
     now = time.time()
-    return Lease(stage, owner, socket.gethostname(), os.getpid(), now, now, now + ttl)
+    return Lease(stage, owner, socket.gethostname(), os.getpid(), now, now, now + ttl,
+                 machine_id(), ttl, uuid.uuid4().hex[:12], 0)
 
 
 def try_acquire(root: DataRoot, stage: str, owner: str, ttl: float) -> tuple[Lease | None, Lease | None]:
@@ -107,39 +146,70 @@ def try_acquire(root: DataRoot, stage: str, owner: str, ttl: float) -> tuple[Lea
     held = read_lease(root, stage)
     if held is None:  # released between our create and read: try again next poll
         return None, None
-    if not is_dead(held, time.time()):
-        return None, held
-    return (mine, None) if _take_over(root, stage, held, mine) else (None, held)
+    with exclusive(root, stage, mine) as marker:
+        if marker is None or read_lease(root, stage) != held:
+            return None, held
+        if not is_dead(held, _mtime(root, marker) - _mtime(root, path), ttl):
+            return None, held
+        with contextlib.suppress(FileNotFoundError):
+            root.fs.rm(path)
+        log.warning("%s: took over the lease of a dead or expired run: %s", stage, held.holder())
+        return (mine, None) if create_exclusive(root, path, mine.to_bytes()) else (None, None)
 
 
-def _take_over(root: DataRoot, stage: str, stale: Lease, mine: Lease) -> bool:
-    """Replace a dead holder's lease; only one contender passes the takeover marker."""
+@contextlib.contextmanager
+def exclusive(root: DataRoot, stage: str, who: Lease) -> Iterator[str | None]:
+    """The takeover marker's path while this call holds it, else None (someone else does)."""
     marker = lease_path(root, stage) + ".takeover"
-    if not create_exclusive(root, marker, mine.to_bytes()):
+    if not create_exclusive(root, marker, who.to_bytes()):
         with contextlib.suppress(FileNotFoundError):
             if time.time() - _mtime(root, marker) > TAKEOVER_STALE_S:
                 root.fs.rm(marker)
-        return False
+        yield None
+        return
     try:
-        if read_lease(root, stage) != stale:  # someone else took it over and renewed first
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            root.fs.rm(lease_path(root, stage))
-        log.warning("%s: took over the lease of a dead or expired run: %s", stage, stale.holder())
-        return create_exclusive(root, lease_path(root, stage), mine.to_bytes())
+        yield marker
     finally:
         with contextlib.suppress(FileNotFoundError):
             root.fs.rm(marker)
 
 
 def _mtime(root: DataRoot, path: str) -> float:
+    """Modification time by the store's clock."""
+    root.fs.invalidate_cache(path)
     info: dict[str, Any] = root.fs.info(path)
     m = info.get("mtime") or info.get("LastModified") or info.get("created") or time.time()
     return m.timestamp() if hasattr(m, "timestamp") else float(m)
 
 
+def renew(root: DataRoot, lease: Lease) -> Lease | None:
+    """The renewed lease, None if it is no longer ours; OSError (try again) if the store failed
+    or another renewal/takeover held the marker."""
+    with exclusive(root, lease.stage, lease) as marker:
+        if marker is None:
+            raise OSError(errno.EBUSY, "lease marker busy")
+        if read_lease(root, lease.stage) != lease:  # taken over: never write over it
+            return None
+        now = time.time()
+        new = dataclasses.replace(lease, heartbeat_at=now, expires_at=now + lease.ttl_s,
+                                  generation=lease.generation + 1)
+        root.write_bytes_atomic(lease_path(root, lease.stage), new.to_bytes())
+        return new
+
+
+def check_holder(root: DataRoot, stage: str, owner: str) -> None:
+    """Raise LeaseLost unless `owner` still holds the stage's lease (the commit path's fence)."""
+    if (root.uri, stage, owner) in _LOST:
+        raise LeaseLost(f"{stage}: this run ({owner}) lost its lease; the shard is not committed")
+    current = read_lease(root, stage)
+    if current is None or current.owner != owner:
+        raise LeaseLost(f"{stage}: this run ({owner}) no longer holds the lease (now "
+                        f"{current.holder() if current else 'nobody'}); the shard is not committed")
+
+
 class Heartbeat(threading.Thread):
-    """Renews the lease every ttl/3 until stopped; notices (and logs) a lease lost to a takeover."""
+    """Renews the lease every ttl/3; a storage error is retried every second until a whole ttl
+    has passed without a renewal. A lease lost either way fences this run's commits."""
 
     def __init__(self, root: DataRoot, lease: Lease, ttl: float):
         super().__init__(daemon=True, name=f"racm3-lease-{lease.stage}")
@@ -148,18 +218,26 @@ class Heartbeat(threading.Thread):
         self.lost = False
 
     def run(self) -> None:
-        while not self.stopped.wait(self.ttl / 3):
-            current = read_lease(self.root, self.lease.stage)
-            if current is None or current.owner != self.lease.owner:
-                self.lost = True
-                log.error("%s: lease lost to %s", self.lease.stage,
-                          current.holder() if current else "nobody")
-                return
-            now = time.time()
-            self.lease = Lease(**{**asdict(self.lease), "heartbeat_at": now,
-                                  "expires_at": now + self.ttl})
-            self.root.write_bytes_atomic(lease_path(self.root, self.lease.stage),
-                                         self.lease.to_bytes())
+        last_ok, wait = time.monotonic(), self.ttl / 3
+        while not self.stopped.wait(wait):
+            try:
+                renewed = renew(self.root, self.lease)
+            except OSError as e:
+                if time.monotonic() - last_ok > self.ttl:
+                    return self._lose(f"no renewal for {self.ttl:g}s ({e})")
+                log.warning("%s: lease renewal failed (%s); retrying", self.lease.stage, e)
+                wait = min(1.0, self.ttl / 6)
+                continue
+            if renewed is None:
+                current = read_lease(self.root, self.lease.stage)
+                return self._lose(f"taken over by {current.holder() if current else 'nobody'}")
+            self.lease, last_ok, wait = renewed, time.monotonic(), self.ttl / 3
+
+    def _lose(self, why: str) -> None:
+        self.lost = True
+        _LOST.add((self.root.uri, self.lease.stage, self.lease.owner))
+        log.error("%s: lease lost: %s; no further shard is committed by this run",
+                  self.lease.stage, why)
 
 
 @contextlib.contextmanager
@@ -174,6 +252,7 @@ def stage_lease(root: DataRoot, stage: str, run: Any) -> Iterator[Lease]:
             raise LeaseHeld(f"stage {stage!r} on {root.uri} is being run by {held.holder()}"
                             if held else f"stage {stage!r}: lease contended")
         time.sleep(POLL_S)
+    _LOST.discard((root.uri, stage, lease.owner))
     beat = Heartbeat(root, lease, ttl)
     beat.start()
     try:

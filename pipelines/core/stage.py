@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -202,9 +203,12 @@ def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
     if owner and owner != root.owner:
         root = dataclasses.replace(root, owner=owner)
     ctx = ShardContext(root, spec, cfg, cancel)
+    fence = _fence(root, stage.name, owner)
+    fence()  # a run that lost its stage lease starts no more shards
     try:
         result = stage.run_shard(ctx, resources)
         t1 = time.time()
+        fence()
         outputs = ctx.commit()
     except BaseException:
         ctx.abort()
@@ -220,11 +224,19 @@ def execute_shard(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec,
         flow_run_id=flow_run_id or current_flow_run_id(),
     )
     ctx.check_cancelled()  # a shard past its deadline must not become "done"
+    fence()  # nor one of a run that lost its lease meanwhile
     write_manifest(root, m)
     corrupt = root.manifest_path(stage.name, spec.shard_id) + ".corrupt"
     if root.exists(corrupt):  # `racm3 verify` had found it corrupt; recomputed now
         root.fs.rm(corrupt)
     return m
+
+
+def _fence(root: DataRoot, stage: str, owner: str | None) -> Callable[[], None]:
+    """The lease check before a commit: only under a driver, which passes its lease's owner."""
+    from storage.lease import check_holder
+
+    return (lambda: check_holder(root, stage, owner)) if owner else (lambda: None)
 
 
 def current_flow_run_id() -> str | None:

@@ -45,15 +45,18 @@ def test_second_writer_is_refused_with_the_holder_named(root):
         assert theirs.owner == "beef"
 
 
-@pytest.mark.parametrize("stale", [{"expires_at": 0.0},  # expired (another host)
+@pytest.mark.parametrize("stale", ["expired",  # not renewed for a ttl by the store's clock
                                    {"host": os.uname().nodename, "pid": -1},
                                    "dead-pid"])
 def test_dead_or_expired_holder_is_taken_over(root, stale):
-    import socket
+    from storage.lease import machine_id
 
-    fields = ({"host": socket.gethostname(), "pid": dead_pid()} if stale == "dead-pid"
-              else stale)
+    fields = ({"machine": machine_id(), "pid": dead_pid()} if stale == "dead-pid"
+              else {} if stale == "expired" else stale)
     plant(root, "s", **fields)
+    if stale == "expired":
+        past = time.time() - 600
+        os.utime(lease_path(root, "s"), (past, past))
     if stale == {"host": os.uname().nodename, "pid": -1}:  # pid unknown, not expired: held
         with pytest.raises(LeaseHeld, match="owner f00d"):
             with stage_lease(root, "s", RunConfig()):
