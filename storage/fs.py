@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
+import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("racm3")
 TMP_MARK = ".tmp-"
 DIGEST_CHUNK = 1 << 20
 # This process's writer id: carried in every temp name, so a run cleans up only the temps of
@@ -47,21 +51,25 @@ class DataRoot:
         """A config path: absolute or a URL as given, otherwise relative to the root."""
         return path if "://" in path or path.startswith("/") else self.join(path)
 
-    def local_copy(self, path: str) -> str:
+    def local_copy(self, path: str, digest: str | None = None) -> str:
         """A local file for libraries that only open local paths (torch, open_clip, tokenizers):
-        the path itself on a local root, else a copy cached once per machine, keyed by URL and by
-        fsspec's `ukey` (size, ETag, mtime), so a re-fitted checkpoint at the same URL is fetched anew."""
+        the path itself on a local root, else a copy in this user's cache, keyed by URL and by
+        fsspec's `ukey` (size, ETag, mtime), so a re-fitted checkpoint at the same URL is fetched
+        anew; its bytes are checked against `digest` (else the digest recorded when it was
+        fetched) on fill and on every reuse, since torch.load and faiss trust what they read."""
         if self.is_local:
             return path
         self.fs.invalidate_cache(path)  # info() must see the object as it is now
         version = self.fs.ukey(path)[:16]  # a folder per version: the name keeps its suffix
-        dest = os.path.join(tempfile.gettempdir(), "racm3-cache", version, self.url(path).replace("/", "_"))
-        if not os.path.exists(dest):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            part = f"{dest}.{uuid.uuid4().hex[:8]}.part"
-            self.fs.get(path, part)
-            os.replace(part, dest)  # atomic: concurrent workers never read a half copy
-        return dest
+        return self.cached(path, digest, "files", os.path.join(version, self.url(path).replace("/", "_")))
+
+    def cached(self, path: str, digest: str | None, kind: str, name: str | None = None) -> str:
+        """`path` copied into this user's cache folder `kind` as `name` (default: digest and
+        basename), verified against `digest` on fill and reuse (see `verified_copy`)."""
+        name = name or f"{(digest or 'nodigest').removeprefix('sha256:')[:32]}-{posixpath.basename(path)}"
+        dest = os.path.join(user_cache_dir(kind), name)
+        os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+        return verified_copy(self.fs, path, dest, digest)
 
     def url(self, path: str) -> str:
         """Full URL of a filesystem path (what users and DuckDB see)."""
@@ -94,7 +102,11 @@ class DataRoot:
     def commit(self, tmp: str, final: str) -> None:
         """Atomically (on local and POSIX filesystems) move a finished temp file into place."""
         if self.is_local:
+            # Durable before it counts: the bytes, then the rename (its folder entry). Without the
+            # fsyncs a power loss can leave a manifest naming a torn or empty shard.
+            fsync_tree(tmp)
             os.replace(tmp, final)
+            fsync_dir(os.path.dirname(final))
         else:  # object stores: copy-then-delete is the best they offer; manifests still go last
             self.fs.invalidate_cache(posixpath.dirname(tmp))  # objects uploaded since listed
             if not self.fs.isdir(tmp):
@@ -169,3 +181,83 @@ def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def open_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Filesystem and path for any URL or local path."""
     return url_to_fs(url if "://" in url else os.path.abspath(url))
+
+
+def fsync_tree(path: str) -> None:
+    """fsync a file, or every file and folder of a folder (a written shard folder)."""
+    if not os.path.isdir(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for d, _, files in os.walk(path):
+        for f in files:
+            fsync_tree(os.path.join(d, f))
+        fsync_dir(d)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def user_cache_dir(kind: str) -> str:
+    """`<tmp>/racm3-cache-<uid>/<kind>`, this user's alone (0700): another user who could write
+    there could plant a checkpoint or an index for torch.load or faiss to read."""
+    base = os.environ.get("RACM3_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), f"racm3-cache-{os.getuid()}")
+    for d in (base, os.path.join(base, kind)):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise PermissionError(f"cache folder {d} is not a folder owned by this user; remove it "
+                                  "or set RACM3_CACHE_DIR")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(d, 0o700)
+    return os.path.join(base, kind)
+
+
+def local_digest(path: str) -> str:
+    return file_digest(fsspec.filesystem("file"), path)
+
+
+def verified_copy(fs: fsspec.AbstractFileSystem, path: str, dest: str, digest: str | None) -> str:
+    """`dest` holding `path`'s bytes. Checked against `digest` (else against the digest recorded
+    at fill) on fill and on every reuse; a copy that does not match is fetched again, and a fetch
+    that does not match `digest` raises OSError. Filled under a temp name and renamed, so
+    concurrent workers never read half a copy."""
+    record = dest + ".sha256"
+    if os.path.exists(dest):
+        want = digest or (_read_text(record) if os.path.exists(record) else None)
+        if want and local_digest(dest) == want:
+            return dest
+        log.warning("cache: %s does not match its digest; fetching it again", dest)
+        _remove(dest)
+    part = f"{dest}.{uuid.uuid4().hex[:8]}.part"
+    fs.get(path, part)
+    got = local_digest(part)
+    if digest and got != digest:
+        _remove(part)
+        raise OSError(f"{path}: fetched content has digest {got}, expected {digest}")
+    with open(f"{record}.{uuid.uuid4().hex[:8]}", "w") as f:
+        f.write(got)
+    os.replace(f.name, record)
+    os.replace(part, dest)
+    return dest
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
