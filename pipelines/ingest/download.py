@@ -50,7 +50,7 @@ class DownloadConfig(StageConfig):
     max_redirects: int = 5  # each hop's address is checked again
     max_image_pixels: int = 40_000_000  # width x height from the header; above it: "too_many_pixels"
     max_decode_bytes: int = 160_000_000  # pixels x channels x bytes per sample; above it: "too_costly"
-    max_jpeg_scans: int = 100  # a progressive JPEG decodes once per scan; above it: "too_costly"
+    max_jpeg_scans: int = 32  # a progressive JPEG decodes once per scan (usual: 10); above: "too_costly"
     disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
 
     def __post_init__(self) -> None:

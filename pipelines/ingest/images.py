@@ -108,7 +108,7 @@ class ImageResizer:
     encode_quality: int = 95
     max_image_pixels: int = 40_000_000
     max_decode_bytes: int = 160_000_000
-    max_jpeg_scans: int = 100
+    max_jpeg_scans: int = 32
 
     def __call__(self, data: bytes) -> tuple[bytes, int, int, int, int]:
         """(jpeg bytes, width, height, original width, original height) or raises Refused."""
