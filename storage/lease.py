@@ -163,7 +163,7 @@ def exclusive(root: DataRoot, stage: str, who: Lease) -> Iterator[str | None]:
     marker = lease_path(root, stage) + ".takeover"
     if not create_exclusive(root, marker, who.to_bytes()):
         with contextlib.suppress(FileNotFoundError):
-            if time.time() - _mtime(root, marker) > TAKEOVER_STALE_S:
+            if _abandoned(root, marker):
                 root.fs.rm(marker)
         yield None
         return
@@ -172,6 +172,21 @@ def exclusive(root: DataRoot, stage: str, who: Lease) -> Iterator[str | None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             root.fs.rm(marker)
+
+
+def _abandoned(root: DataRoot, marker: str) -> bool:
+    """A marker left by a killed process: its writer's pid is gone from this machine, or it is
+    older than TAKEOVER_STALE_S (a renewal or takeover holds it for milliseconds)."""
+    try:
+        with root.fs.open(marker, "rb") as f:
+            who = Lease(**json.loads(f.read()))
+        if who.machine == machine_id() and who.pid > 0 and who.pid != os.getpid():
+            os.kill(who.pid, 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, TypeError, PermissionError):
+        pass
+    return time.time() - _mtime(root, marker) > TAKEOVER_STALE_S
 
 
 def _mtime(root: DataRoot, path: str) -> float:

@@ -123,3 +123,15 @@ def test_s3_conditional_conflict_means_taken(monkeypatch):
     with pytest.raises(LeaseHeld, match="contended"):
         with stage_lease(mem, "s", RunConfig(lease_wait_s=0.6)):
             pass
+
+
+def test_a_marker_left_by_a_killed_process_does_not_block_a_takeover(root):
+    p = os.popen("echo $$")
+    gone = int(p.read())
+    p.close()
+    plant(root, "s", machine=machine_id(), pid=gone)
+    marker = {"stage": "s", "owner": "f00d", "host": "h", "pid": gone, "acquired_at": 0.0,
+              "heartbeat_at": 0.0, "expires_at": 0.0, "machine": machine_id()}
+    root.fs.pipe(lease_path(root, "s") + ".takeover", json.dumps(marker).encode())
+    with stage_lease(root, "s", RunConfig(lease_wait_s=3)) as mine:  # killed mid-renewal
+        assert mine.owner == root.owner
