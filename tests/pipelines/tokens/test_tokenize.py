@@ -87,7 +87,7 @@ def test_rerun_skips_and_new_weights_retokenize(root):
 def test_mismatched_codebook_is_refused(root):
     report = run_stage("tokenize", root, cfgs(dataclasses.replace(TOK, codebook_size=32)), force=True)
     assert set(report.failed) == {"00000", "00001"}
-    assert "codebook size 16 but the config asks for 32" in report.failed["00000"]
+    assert "tokenize.codebook_size" in report.failed["00000"] and "codebook size 16" in report.failed["00000"]
 
 
 def test_mixed_token_shards_are_refused(root):
