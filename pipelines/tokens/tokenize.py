@@ -121,6 +121,8 @@ class TokenizeStage(Stage):
     def plan(self, root: DataRoot, cfg: TokenizeConfig) -> list[ShardSpec]:
         ids = sorted(m.shard_id for m in list_manifests(root, "download"))
         models = self.model_inputs(root, cfg) if ids else ()
+        if ids:
+            load_vqgan(root, cfg)  # a bad checkpoint or yaml stops here (exit 2), before any shard
         return [ShardSpec(self.name, sid, (upstream_ref(root, "download", sid), *models)) for sid in ids]
 
     def model_inputs(self, root: DataRoot, cfg: TokenizeConfig) -> tuple[InputRef, ...]:

@@ -120,3 +120,25 @@ def test_missing_checkpoint_names_the_file(tmp_path):
     cfg = dataclasses.replace(TOK, checkpoint=str(tmp_path / "weights" / "vqgan.ckpt"))
     with pytest.raises(FileNotFoundError, match="vqgan.ckpt"):
         run_stage("tokenize", root, cfgs(cfg))
+
+
+@pytest.mark.parametrize("bad", ["disagree", "unknown_family"])
+def test_cli_refuses_bad_tokenizer_before_writing(tmp_path, capsys, bad):
+    """`racm3 run tokenize` with a yaml that disagrees with its tensors, or names an unknown
+    family: exit 2, the field named, no token shard written."""
+    from flows.cli import main
+    from storage.manifest import list_manifests
+    from tests.model.vq_taming import ddconfig, random_taming, save_taming
+
+    root = DataRoot(str(tmp_path / "root"))
+    make_download_shard(root, "00000", n=3, size=32)
+    dd = ddconfig(32, [1, 2], [])
+    kw = {"yaml_n_embed": 32} if bad == "disagree" else {"target": "ldm.models.autoencoder.AutoencoderKL"}
+    ckpt = save_taming(random_taming(dd, 16, 4), dd, 16, 4, tmp_path / "vq.ckpt", **kw)
+    rc = main(["run", "tokenize", "--local", "--data-root", root.uri, "--set",
+               f"tokenize.checkpoint={ckpt}", "--set", "tokenize.text_tokenizer=openclip"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tokenize.vqgan_config" in err and ("model.params.n_embed" in err if bad == "disagree"
+                                               else "model.target" in err)
+    assert not list_manifests(root, "tokenize") and not root.exists(root.artifact("tokenize", "00000", "parquet"))
