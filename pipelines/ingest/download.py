@@ -20,6 +20,7 @@ from pipelines.ingest.downloader import DownloadLimits, ShardDownloader
 from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
+from pipelines.ingest.polite import Manners
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
 from storage.schemas import IMAGE_SHARD, SUCCESS
@@ -49,6 +50,10 @@ class DownloadConfig(StageConfig):
     max_redirects: int = 5  # each hop's address is checked again
     max_image_pixels: int = 40_000_000  # width x height from the header; above it: "too_many_pixels"
     disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
+    honour_robots: bool = True  # robots.txt rules for user_agent_token, fetched once per host
+    honour_tdmrep: bool = True  # TDMRep: tdm-reservation header and /.well-known/tdmrep.json
+    per_host_connections: int = 4  # connections at once to one host (all threads of a worker)
+    max_backoff_s: float = 60.0  # longest Retry-After honoured after a 429/503
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -63,6 +68,8 @@ class DownloadConfig(StageConfig):
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
         self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        self.check(self.per_host_connections >= 1, "per_host_connections", "must be >= 1")
+        self.check(0 <= self.max_backoff_s < float("inf"), "max_backoff_s", "must be finite, >= 0")
         for entry in self.allow_hosts:
             try:
                 split_host_port(entry)
@@ -77,11 +84,14 @@ def build_downloader(cfg: DownloadConfig) -> ShardDownloader:
         FetchLimits(max_bytes=cfg.max_bytes, max_redirects=cfg.max_redirects,
                     user_agent_token=cfg.user_agent_token.strip().lower(),
                     disallowed_directives=frozenset(
-                        d.strip().lower() for d in cfg.disallowed_header_directives)),
+                        d.strip().lower() for d in cfg.disallowed_header_directives),
+                    honour_tdm_header=cfg.honour_tdmrep),
         ImageResizer(cfg.image_size, cfg.resize_mode, cfg.min_image_size, cfg.encode_quality,
                      cfg.max_image_pixels),
         DownloadLimits(cfg.url_timeout_s, cfg.shard_deadline_s, cfg.retries),
-        cfg.threads)
+        cfg.threads,
+        Manners(cfg.honour_robots, cfg.honour_tdmrep, cfg.per_host_connections,
+                cfg.max_backoff_s, cfg.user_agent_token.strip().lower()))
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:

@@ -16,9 +16,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.ingest.fetch import FetchLimits, Refused, fetch
+from pipelines.ingest.fetch import FetchLimits, Refused, fetch, get_small
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy
+from pipelines.ingest.polite import BACKOFF_STATUSES, Manners, Politeness, retry_after_s
 from storage.schemas import IMAGE_SHARD, SUCCESS
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,12 @@ class ShardDownloader:
     """Fetches URL shards with a thread pool under one network policy and one resizer."""
 
     def __init__(self, policy: NetPolicy, fetch_limits: FetchLimits, resizer: ImageResizer,
-                 limits: DownloadLimits, threads: int):
+                 limits: DownloadLimits, threads: int, manners: Manners | None = None):
         self.policy, self.fetch_limits, self.resizer = policy, fetch_limits, resizer
         self.limits, self.threads = limits, threads
+        self.polite = Politeness(manners or Manners(robots=False, tdmrep=False, per_host=threads),
+                                 lambda url, deadline, cap: get_small(
+                                     url, policy, fetch_limits, deadline, cap))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="racm3-dl")
 
     def close(self) -> None:
@@ -73,18 +77,25 @@ class ShardDownloader:
 
     def _fetch(self, url: str, shard_deadline: float) -> bytes:
         err: Refused | None = None
-        for _ in range(self.limits.retries + 1):
+        for attempt in range(self.limits.retries + 1):
             now = time.monotonic()
             if now >= shard_deadline:
                 raise Refused("deadline", "deadline: the shard deadline passed before this URL")
             deadline = min(now + self.limits.url_timeout_s, shard_deadline)
             try:
-                return fetch(url, self.policy, self.fetch_limits, deadline)
+                if (why := self.polite.refusal(url, deadline)) is not None:
+                    raise why
+                with self.polite.turn(url, deadline):
+                    return fetch(url, self.policy, self.fetch_limits, deadline)
             except Refused as e:
                 if e.status == "timeout" and deadline == shard_deadline:
                     raise Refused("deadline", f"deadline: the shard deadline cut this URL ({e})") from e
-                if e.status not in RETRYABLE or str(e).startswith("HTTP Error 4"):
+                if e.http_status in BACKOFF_STATUSES:  # the host asked us to slow down
+                    self.polite.backoff(url, retry_after_s(e.retry_after), attempt)
+                elif e.status not in RETRYABLE or str(e).startswith("HTTP Error 4"):
                     raise
                 err = e
         assert err is not None
+        if err.http_status == 429:
+            raise Refused("rate_limited", f"rate_limited: {err} after {self.limits.retries + 1} tries")
         raise err
