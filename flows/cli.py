@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute shards that are done")
     p.add_argument("--local", action="store_true",
                    help="run without Prefect (same shards, same manifests)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="download only: fetch again the rows that failed for a transient reason "
+                        "(timeouts, connection errors, 5xx, 429); every other row is kept")
 
     p = sub.add_parser("verify", help="re-hash every output against its manifest; corrupt "
                        "shards become stale (recomputed by the next run); exit 1 if any")
@@ -171,7 +174,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.fs import DataRoot
 
     stage = get_stage(args.stage)
-    cfgs = load_config(args.preset, args.config_file, args.overrides)
+    overrides = list(args.overrides)
+    if args.retry_failed:
+        from pipelines.core.config import ConfigError
+        from pipelines.ingest.downloader import TRANSIENT
+
+        if args.stage != "download":
+            raise ConfigError("--retry-failed", "applies to the download stage only")
+        overrides.append(f"download.retry_statuses={list(TRANSIENT)!r}".replace("'", '"'))
+    cfgs = load_config(args.preset, args.config_file, overrides)
     if args.local:
         from pipelines.core.driver import InProcess, drive
 

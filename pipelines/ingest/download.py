@@ -16,14 +16,20 @@ import pyarrow.compute as pc
 
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.ingest.downloader import DownloadLimits, ShardDownloader
+from pipelines.ingest.downloader import (
+    FAILURE_STATUSES,
+    DownloadLimits,
+    ShardDownloader,
+    is_transient,
+)
 from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
 from pipelines.ingest.polite import Manners
 from storage.fs import DataRoot
-from storage.manifest import list_manifests, upstream_ref
+from storage.manifest import Manifest, list_manifests, read_manifest, upstream_ref
 from storage.schemas import IMAGE_SHARD, SUCCESS
+from storage.shards import read_table
 
 log = logging.getLogger(__name__)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -35,7 +41,7 @@ OPT_OUT = ("noai", "noimageai", "noindex", "noimageindex")
 class DownloadConfig(StageConfig):
     """How images are fetched, which network they may come from, and how they are stored."""
 
-    EXECUTION_FIELDS = frozenset({"threads", "url_timeout_s", "shard_deadline_s"})
+    EXECUTION_FIELDS = frozenset({"threads", "url_timeout_s", "shard_deadline_s", "retry_statuses"})
     image_size: int = 256  # stored image side after resizing
     resize_mode: str = "center_crop"  # img2dataset resize mode
     min_image_size: int = 256  # reject images whose original shorter side is below this
@@ -54,6 +60,9 @@ class DownloadConfig(StageConfig):
     honour_tdmrep: bool = True  # TDMRep: tdm-reservation header and /.well-known/tdmrep.json
     per_host_connections: int = 4  # connections at once to one host (all threads of a worker)
     max_backoff_s: float = 60.0  # longest Retry-After honoured after a 429/503
+    # rows of done shards with these statuses are fetched again, every other row kept byte for
+    # byte (`racm3 run download --retry-failed` sets the transient ones); () = no retry
+    retry_statuses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -68,6 +77,9 @@ class DownloadConfig(StageConfig):
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
         self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        unknown = sorted(set(self.retry_statuses) - set(FAILURE_STATUSES))
+        self.check(not unknown, "retry_statuses",
+                   f"unknown status {', '.join(unknown)}; one of {', '.join(FAILURE_STATUSES)}")
         self.check(self.per_host_connections >= 1, "per_host_connections", "must be >= 1")
         self.check(0 <= self.max_backoff_s < float("inf"), "max_backoff_s", "must be finite, >= 0")
         for entry in self.allow_hosts:
@@ -92,6 +104,29 @@ def build_downloader(cfg: DownloadConfig) -> ShardDownloader:
         cfg.threads,
         Manners(cfg.honour_robots, cfg.honour_tdmrep, cfg.per_host_connections,
                 cfg.max_backoff_s, cfg.user_agent_token.strip().lower()))
+
+
+def previous_rows(ctx: ShardContext, urls: pa.Table) -> tuple[pa.Table | None, pa.Table]:
+    """On a retry: the shard's committed rows to keep as they are, and the URL rows to fetch again.
+
+    Rows are kept only when the URL shard still holds the same key and URL (else fetched anew).
+    """
+    cfg: DownloadConfig = ctx.cfg
+    prev = read_manifest(ctx.root, ctx.spec.stage, ctx.spec.shard_id)
+    if not cfg.retry_statuses or prev is None or not prev.outputs:
+        return None, urls
+    old = read_table(ctx.root, ctx.root.url(ctx.root.join(next(iter(prev.outputs)))))
+    pairs = set(zip(urls["key"].to_pylist(), urls["url"].to_pylist(), strict=True))
+    keep = [(k, u) in pairs and not is_transient(s, e, cfg.retry_statuses)
+            for k, u, s, e in zip(old["key"].to_pylist(), old["url"].to_pylist(),
+                                  old["status"].to_pylist(), old["error_message"].to_pylist(),
+                                  strict=True)]
+    kept = old.filter(pa.array(keep, pa.bool_()))
+    kept_keys = pa.array(kept["key"].to_pylist(), pa.string())
+    again = urls.filter(pc.invert(pc.is_in(urls["key"], value_set=kept_keys)))
+    log.info("download %s: retrying %d rows, keeping %d", ctx.spec.shard_id, again.num_rows,
+             kept.num_rows)
+    return kept.cast(IMAGE_SHARD), again
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:
@@ -125,13 +160,21 @@ class DownloadStage(Stage):
     def load(self, cfg: DownloadConfig) -> ShardDownloader:
         return build_downloader(cfg)
 
+    def wants_rerun(self, cfg: DownloadConfig, manifest: Manifest) -> bool:
+        """With `retry_statuses`, a done shard whose rows failed that way runs again."""
+        return bool(cfg.retry_statuses) and any(
+            is_transient(*reason.split(": ", 1), cfg.retry_statuses) for reason in manifest.dropped)
+
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         urls = ctx.read_input(0)
         own = not isinstance(resources, ShardDownloader)
         downloader = build_downloader(ctx.cfg) if own else resources
         assert isinstance(downloader, ShardDownloader)
         try:
+            kept, urls = previous_rows(ctx, urls)
             table = downloader.download(urls) if urls.num_rows else IMAGE_SHARD.empty_table()
+            if kept is not None:
+                table = pa.concat_tables([kept, table]).sort_by("key")
         finally:
             if own:
                 downloader.close()

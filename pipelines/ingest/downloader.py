@@ -26,6 +26,23 @@ log = logging.getLogger(__name__)
 CARRY = ("key", "url", "caption", "pwatermark", "punsafe", "similarity")
 # Failures worth another try: the network hiccupped. Refusals and 4xx answers would only repeat.
 RETRYABLE = ("failed_to_download",)
+# Row statuses that a later run may fetch again (`racm3 run download --retry-failed`): the cause
+# may have passed. Refusals (address, opt-out, size, pixels) are final unless named explicitly.
+TRANSIENT = ("failed_to_download", "timeout", "deadline", "rate_limited", "robots_unreachable",
+             "truncated")
+FINAL = ("refused_address", "refused_url", "opted_out", "opted_out_robots", "opted_out_tdm",
+         "too_large", "too_many_pixels", "too_many_redirects", "failed_to_resize")
+FAILURE_STATUSES = TRANSIENT + FINAL
+
+
+def is_transient(status: str, error_message: str | None, retry: tuple[str, ...]) -> bool:
+    """Whether a row with this status is fetched again by a retry naming `retry` statuses."""
+    if status not in retry:
+        return False
+    # a 4xx answer (404, 410, 403) repeats; 429 is the server asking us to come back later
+    msg = error_message or ""
+    return not (status == "failed_to_download" and msg.startswith("HTTP Error 4")
+                and not msg.startswith("HTTP Error 429"))
 
 
 @dataclass(frozen=True)
