@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipelines.core.config import ConfigError, StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from storage.fs import DataRoot, file_digest, open_url
-from storage.manifest import InputRef, read_manifest
+from storage.manifest import InputRef, list_manifests, read_manifest
 from storage.schemas import URL_SHARD
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,28 @@ def metadata_files(root: DataRoot, cfg: FilterConfig) -> list[str]:
     if not files:
         raise ConfigError("filter.metadata", f"no metadata parquet found at {pattern}")
     return [f if "file" in fs.protocol else fs.unstrip_protocol(f) for f in files]
+
+
+def file_indexes(root: DataRoot, files: list[str]) -> list[tuple[int, str]]:
+    """(index, file) pairs where a file keeps the index its shards were made with.
+
+    The index is part of every row key and shard id, so it must not move when metadata files
+    are added: known files keep theirs (read from the filter manifests), new files get the next
+    free ones in sorted order. A new file therefore adds shards and never renames done ones.
+    """
+    known: dict[str, int] = {}
+    for m in list_manifests(root, "filter"):
+        ref = m.inputs[0] if m.inputs else None
+        if ref is not None and "file_index" in ref.detail:
+            known.setdefault(ref.path, int(ref.detail["file_index"]))
+    nxt = max(known.values(), default=-1) + 1
+    out = []
+    for path in files:
+        rel = root.rel(path)
+        if rel not in known:
+            known[rel], nxt = nxt, nxt + 1
+        out.append((known[rel], path))
+    return out
 
 
 def resolve_columns(names: list[str], cfg: FilterConfig, where: str) -> dict[str, str | None]:
@@ -305,7 +327,7 @@ class FilterStage(Stage):
 
     def plan(self, root: DataRoot, cfg: FilterConfig) -> list[ShardSpec]:
         specs = []
-        for file_idx, path in enumerate(metadata_files(root, cfg)):
+        for file_idx, path in file_indexes(root, metadata_files(root, cfg)):
             resolve_columns(file_columns(path), cfg, path)  # a missing column: ConfigError (exit 2) now
             ref = self._input_ref(root, path)
             fs, p = open_url(path)
