@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
 # subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
-PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate")
+PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli")
 
 
 def plugin(name: str):
@@ -202,9 +202,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.core.registry import STAGES, get_stage, load_config
     from pipelines.core.stage import shard_states
     from storage.fs import DataRoot
+    from storage.removal_audit import made_before_removal
     from storage.verify import corrupt_shards
 
     cfgs, root = load_config(args.preset, args.config_file, args.overrides), DataRoot(args.data_root)
+    before_removal = made_before_removal(root)
     t = Table(title=f"racm3 status: {args.data_root}")
     for col in ("stage", "shards", "done", "stale", "missing", "corrupt", "note"):
         t.add_column(col)
@@ -218,6 +220,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         counts = {s: sum(1 for x in states if x.state == s) for s in ("done", "stale", "missing")}
         note = "corrupt shards are recomputed by `racm3 run`" if corrupt else ""
+        if name in before_removal:
+            note = (f"[yellow]{len(before_removal[name])} made before the latest removal: "
+                    f"may use removed documents; re-run[/yellow]")
         t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")),
                   f"[red]{corrupt}[/red]" if corrupt else "0", note)
     Console().print(t)
@@ -231,12 +236,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.stage:
         get_stage(args.stage)  # an unknown stage name exits 2
-    checked, findings = verify(DataRoot(args.data_root), args.stage)
+    from storage.removal_audit import leftovers
+
+    root = DataRoot(args.data_root)
+    checked, findings = verify(root, args.stage)
     for f in findings:
         print(f"CORRUPT {f.stage}/{f.shard_id}: {'; '.join(f.problems)}")
     print(f"verified {checked} shards: {len(findings)} corrupt"
           + (" (marked stale: `racm3 run STAGE` recomputes them)" if findings else ""))
-    return EXIT_FAILED if findings else 0
+    left = [x for x in leftovers(root) if args.stage in (None, x.stage)]
+    for x in left:
+        print(f"REMOVED-DOCUMENTS {x.stage}/{x.shard_id}: still names {x.documents} removed "
+              "document(s): re-run the pipeline to carry the removal through")
+    if left:
+        print(f"{len(left)} shards still hold removed documents")
+    return EXIT_FAILED if findings or left else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

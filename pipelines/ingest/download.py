@@ -26,8 +26,9 @@ from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
 from pipelines.ingest.polite import Manners
+from storage import removals
 from storage.fs import DataRoot
-from storage.manifest import Manifest, list_manifests, read_manifest, upstream_ref
+from storage.manifest import Manifest, list_manifests, params_hash, read_manifest, upstream_ref
 from storage.schemas import IMAGE_SHARD, SUCCESS
 from storage.shards import read_table
 
@@ -107,13 +108,18 @@ def build_downloader(cfg: DownloadConfig) -> ShardDownloader:
 
 
 def previous_rows(ctx: ShardContext, urls: pa.Table) -> tuple[pa.Table | None, pa.Table]:
-    """On a retry: the shard's committed rows to keep as they are, and the URL rows to fetch again.
+    """The shard's committed rows to keep as they are, and the URL rows to fetch (again).
 
     Rows are kept only when the URL shard still holds the same key and URL (else fetched anew).
     """
     cfg: DownloadConfig = ctx.cfg
     prev = read_manifest(ctx.root, ctx.spec.stage, ctx.spec.shard_id)
-    if not cfg.retry_statuses or prev is None or not prev.outputs:
+    if prev is None or not prev.outputs or prev.params_hash != params_hash(cfg.params()):
+        return None, urls
+    # a changed URL shard (rows removed or added upstream) reuses what was fetched; the same
+    # URL shard runs again only by --force (fetch everything) or a retry (fetch the failures)
+    same_input = prev.inputs[:1] == list(ctx.spec.inputs[:1])
+    if same_input and not cfg.retry_statuses:
         return None, urls
     old = read_table(ctx.root, ctx.root.url(ctx.root.join(next(iter(prev.outputs)))))
     pairs = set(zip(urls["key"].to_pylist(), urls["url"].to_pylist(), strict=True))
@@ -127,6 +133,16 @@ def previous_rows(ctx: ShardContext, urls: pa.Table) -> tuple[pa.Table | None, p
     log.info("download %s: retrying %d rows, keeping %d", ctx.spec.shard_id, again.num_rows,
              kept.num_rows)
     return kept.cast(IMAGE_SHARD), again
+
+
+def drop_removed_images(table: pa.Table, rs: removals.RemovalSet) -> tuple[pa.Table, dict[str, int]]:
+    """Images whose bytes hash to a removed sha256 are not stored (nor are removed keys/URLs)."""
+    if not rs or not table.num_rows:
+        return table, {}
+    keep = [not rs.row_removed(k, u, h) for k, u, h in zip(
+        table["key"].to_pylist(), table["url"].to_pylist(), table["sha256"].to_pylist(), strict=True)]
+    n = keep.count(False)
+    return table.filter(pa.array(keep, pa.bool_())), ({"removed": n} if n else {})
 
 
 def status_counts(table: pa.Table) -> dict[str, int]:
@@ -167,6 +183,7 @@ class DownloadStage(Stage):
 
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         urls = ctx.read_input(0)
+        n_urls = urls.num_rows
         own = not isinstance(resources, ShardDownloader)
         downloader = build_downloader(ctx.cfg) if own else resources
         assert isinstance(downloader, ShardDownloader)
@@ -178,8 +195,9 @@ class DownloadStage(Stage):
         finally:
             if own:
                 downloader.close()
+        table, removed = drop_removed_images(table, removals.removal_set(ctx.root))
         ctx.write_table(table)
         ok = int(pc.sum(pc.equal(table["status"], SUCCESS)).as_py() or 0)
-        return ShardResult(rows_in=urls.num_rows, rows_out=table.num_rows,
-                           dropped=status_counts(table),
+        return ShardResult(rows_in=n_urls, rows_out=table.num_rows,
+                           dropped={**status_counts(table), **removed},
                            metrics={"success": ok, "failed": table.num_rows - ok})

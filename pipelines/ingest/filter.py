@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core.config import ConfigError, StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from storage import removals
 from storage.fs import DataRoot, file_digest, open_url
 from storage.manifest import InputRef, list_manifests, read_manifest
 from storage.schemas import URL_SHARD
@@ -313,6 +314,18 @@ def filter_rows(path: str, file_idx: int, start: int, stop: int, cfg: FilterConf
     return kept.cast(URL_SHARD), dropped, raw.num_rows, int(kept_missing)
 
 
+def drop_removed(table: pa.Table, rs: removals.RemovalSet, dropped: dict[str, int]) -> pa.Table:
+    """Rows taken out on request (key, URL or domain), counted under the reason "removed"."""
+    if not rs or not table.num_rows:
+        return table
+    keep = [not rs.row_removed(k, u) for k, u in zip(table["key"].to_pylist(),
+                                                      table["url"].to_pylist(), strict=True)]
+    n = keep.count(False)
+    if n:
+        dropped["removed"] = dropped.get("removed", 0) + n
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
 def file_columns(path: str) -> list[str]:
     fs, p = open_url(path)
     with fs.open(p, "rb") as f:
@@ -327,6 +340,10 @@ class FilterStage(Stage):
 
     def plan(self, root: DataRoot, cfg: FilterConfig) -> list[ShardSpec]:
         specs = []
+        # the removal list is an input of every shard: a removal recomputes filter, and the
+        # shards whose rows it drops change digest, so exactly their descendants follow
+        rs = removals.removal_set(root)
+        removals_ref = (InputRef(removals.PATH, "sha256:" + rs.digest),) if rs.digest else ()
         for file_idx, path in file_indexes(root, metadata_files(root, cfg)):
             resolve_columns(file_columns(path), cfg, path)  # a missing column: ConfigError (exit 2) now
             ref = self._input_ref(root, path)
@@ -338,7 +355,8 @@ class FilterStage(Stage):
                 detail = {"file_index": file_idx, "row_start": start, "row_stop": stop}
                 sid = f"{file_idx:03d}-{chunk:05d}"
                 specs.append(ShardSpec(self.name, sid, (InputRef(ref.path, ref.digest, ref.stage,
-                                                                 ref.shard_id, detail),)))
+                                                                 ref.shard_id, detail),
+                                                        *removals_ref)))
         return specs
 
     def _input_ref(self, root: DataRoot, path: str) -> InputRef:
@@ -356,6 +374,7 @@ class FilterStage(Stage):
         cols = resolve_columns(file_columns(path), ctx.cfg, path)
         table, dropped, n_in, kept_missing = filter_rows(path, d["file_index"], d["row_start"],
                                                          d["row_stop"], ctx.cfg, cols)
+        table = drop_removed(table, removals.removal_set(ctx.root), dropped)
         ctx.write_table(table)
         log.info("filter %s: %d -> %d rows", posixpath.basename(ctx.spec.shard_id), n_in, table.num_rows)
         return ShardResult(rows_in=n_in, rows_out=table.num_rows, dropped=dropped,
