@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lineage", help="ancestry of a shard or artifact, back to the metadata rows")
     data_root_arg(p)
-    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute")
+    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute, "
+                               "or a document key (NNN-NNNNNNNNN): its URL, caption, licence, "
+                               "metadata row and fetch")
 
     p = sub.add_parser("decode", help="write a document's image and its VQGAN reconstruction to a PNG")
     p.add_argument("key", help="document key (see `racm3 inspect \"select key from tokenize\"`)")
@@ -316,12 +318,34 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from storage.lineage import render, walk
 
     root = DataRoot(args.data_root)
+    if KEY_RE.match(args.path):  # a document key: where it came from
+        return print_provenance(root, args.path)
     node = walk(root, args.path)
     if node.manifest is None:
         print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
               file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(render(node)))
+    return 0
+
+
+KEY_RE = __import__("re").compile(r"^\d{3}-\d{9}$")
+
+
+def print_provenance(root: Any, key: str) -> int:
+    import datetime
+
+    from storage.provenance import provenance
+
+    p = provenance(root, [key]).get(key)
+    if p is None:
+        print(f"racm3: error: no filter shard covers document {key}", file=sys.stderr)
+        return EXIT_USAGE
+    when = (datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
+            if p.fetched_at else "not downloaded")
+    print(f"document {key}\n  url: {p.url}\n  caption: {p.caption}\n  license: {p.license}\n"
+          f"  metadata: {p.metadata_file} row {p.metadata_row}\n  filter shard: {p.filter_shard}"
+          f"\n  download shard: {p.download_shard or '-'} (fetched {when})")
     return 0
 
 
