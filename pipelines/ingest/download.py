@@ -20,9 +20,10 @@ from pipelines.ingest.downloader import DownloadLimits, ShardDownloader
 from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
+from pipelines.ingest.shard_source import fill_shard, import_ref
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
-from storage.schemas import IMAGE_SHARD, SUCCESS
+from storage.schemas import SUCCESS
 
 log = logging.getLogger(__name__)
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -49,6 +50,8 @@ class DownloadConfig(StageConfig):
     max_redirects: int = 5  # each hop's address is checked again
     max_image_pixels: int = 40_000_000  # width x height from the header; above it: "too_many_pixels"
     disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
+    import_from: str = ""  # img2dataset output folder (parquet or webdataset) to take rows from; "" = fetch all
+    fetch_missing: bool = True  # with import_from: fetch the URLs it lacks (false: status "missing")
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -109,7 +112,8 @@ class DownloadStage(Stage):
     description = "fetch images under a network policy into Parquet image shards"
 
     def plan(self, root: DataRoot, cfg: DownloadConfig) -> list[ShardSpec]:
-        return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id),))
+        extra = (import_ref(root, cfg.import_from),) if cfg.import_from else ()
+        return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id), *extra))
                 for m in list_manifests(root, "filter")]
 
     def load(self, cfg: DownloadConfig) -> ShardDownloader:
@@ -121,7 +125,7 @@ class DownloadStage(Stage):
         downloader = build_downloader(ctx.cfg) if own else resources
         assert isinstance(downloader, ShardDownloader)
         try:
-            table = downloader.download(urls) if urls.num_rows else IMAGE_SHARD.empty_table()
+            table, counts = fill_shard(ctx, urls, downloader)
         finally:
             if own:
                 downloader.close()
@@ -129,4 +133,4 @@ class DownloadStage(Stage):
         ok = int(pc.sum(pc.equal(table["status"], SUCCESS)).as_py() or 0)
         return ShardResult(rows_in=urls.num_rows, rows_out=table.num_rows,
                            dropped=status_counts(table),
-                           metrics={"success": ok, "failed": table.num_rows - ok})
+                           metrics={"success": ok, "failed": table.num_rows - ok, **counts})
