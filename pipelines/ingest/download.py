@@ -20,7 +20,7 @@ from pipelines.ingest.downloader import DownloadLimits, ShardDownloader
 from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
-from pipelines.ingest.shard_source import fill_shard, import_ref
+from pipelines.ingest.shard_source import fill_shard, source_refs
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
 from storage.schemas import SUCCESS
@@ -52,6 +52,8 @@ class DownloadConfig(StageConfig):
     disallowed_header_directives: tuple[str, ...] = OPT_OUT  # X-Robots-Tag opt-outs; () = ignore
     import_from: str = ""  # img2dataset output folder (parquet or webdataset) to take rows from; "" = fetch all
     fetch_missing: bool = True  # with import_from: fetch the URLs it lacks (false: status "missing")
+    nsfw_model: str = ""  # image NSFW score where metadata has no punsafe: "open_nsfw" (shipped) or an .onnx path; "" = off
+    max_nsfw: float = 0.5  # rows whose image score is above this become status "unsafe"
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -66,6 +68,7 @@ class DownloadConfig(StageConfig):
         self.check(self.max_bytes >= 1, "max_bytes", "must be >= 1")
         self.check(self.max_redirects >= 0, "max_redirects", "must be >= 0")
         self.check(self.max_image_pixels >= 1, "max_image_pixels", "must be >= 1")
+        self.check(0.0 <= self.max_nsfw <= 1.0, "max_nsfw", "must be in [0, 1]")
         for entry in self.allow_hosts:
             try:
                 split_host_port(entry)
@@ -112,7 +115,7 @@ class DownloadStage(Stage):
     description = "fetch images under a network policy into Parquet image shards"
 
     def plan(self, root: DataRoot, cfg: DownloadConfig) -> list[ShardSpec]:
-        extra = (import_ref(root, cfg.import_from),) if cfg.import_from else ()
+        extra = source_refs(root, cfg)
         return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id), *extra))
                 for m in list_manifests(root, "filter")]
 

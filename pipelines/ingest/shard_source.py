@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from pipelines.core.stage import ShardContext
 from pipelines.ingest import img2dataset_import as i2d
+from pipelines.ingest import nsfw
 from pipelines.ingest.downloader import CARRY, ShardDownloader
 from storage.fs import DataRoot
 from storage.manifest import InputRef
@@ -21,6 +22,12 @@ IMPORT = "img2dataset"  # InputRef.detail["source"] of the import input
 def import_folder(root: DataRoot, folder: str) -> str:
     """`download.import_from` as a URL/absolute path (relative ones are under the data root)."""
     return folder if "://" in folder or folder.startswith("/") else root.url(root.join(folder))
+
+
+def source_refs(root: DataRoot, cfg: Any) -> tuple[InputRef, ...]:
+    """Inputs of every download shard besides its URL shard: the import, the NSFW model."""
+    refs = (import_ref(root, cfg.import_from),) if cfg.import_from else ()
+    return refs + ((nsfw.model_ref(root, cfg.nsfw_model),) if cfg.nsfw_model else ())
 
 
 def import_ref(root: DataRoot, folder: str) -> InputRef:
@@ -36,8 +43,20 @@ def fill_shard(ctx: ShardContext, urls: pa.Table,
     cfg = ctx.cfg
     if not urls.num_rows:
         return IMAGE_SHARD.empty_table(), {}
-    if not cfg.import_from:
-        return downloader.download(urls), {}
+    if cfg.import_from:
+        table, counts = imported(ctx, urls, downloader)
+    else:
+        table, counts = downloader.download(urls), {}
+    if cfg.nsfw_model:
+        table, n = nsfw.score_table(table, nsfw.model_path(ctx.root, cfg.nsfw_model), cfg.max_nsfw)
+        counts = counts | {"nsfw_scored": n}
+    return table, counts
+
+
+def imported(ctx: ShardContext, urls: pa.Table,
+             downloader: ShardDownloader) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows from the import; the URLs it lacks fetched, or recorded as `missing`."""
+    cfg = ctx.cfg
     source = i2d.scan(import_folder(ctx.root, cfg.import_from))
     rows = urls.select(list(CARRY)).to_pylist()
     done, lacking = i2d.import_rows(source, rows, downloader.resizer, cfg.max_bytes)
