@@ -5,8 +5,10 @@ like fetched ones, and refuses a folder with foreign columns before writing anyt
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -84,29 +86,50 @@ def test_imported_rows_equal_a_fetch(served, tmp_path, fmt):
     assert run(root, imp, "download").ran == []  # same import, same shards: nothing re-runs
 
 
-@pytest.mark.slow
-def test_hostile_imported_images_get_the_fetch_checks(served, tmp_path):
-    root, _, overrides = served
-    run(root, overrides, "filter")
-    folder, _ = img2dataset(root, tmp_path, "parquet")
+def make_hostile(folder: Path, fmt: str) -> list[str]:
+    """Replace 3 imported successes: a pixel bomb, HTML, a body over the byte cap (a webdataset
+    tar gets a symlink member instead of the HTML); returns their URLs."""
     shard = sorted(folder.glob("*.parquet"))[0]
     t = pq.read_table(shard)
     ok = [i for i, s in enumerate(t["status"].to_pylist()) if s == "success"][:3]
-    jpg = t["jpg"].to_pylist()
-    bad = {ok[0]: png_bomb(20_000, 20_000), ok[1]: b"<html>not an image</html>",
-           ok[2]: b"\xff\xd8" + b"x" * 300_000}
-    for i, data in bad.items():
-        jpg[i] = data
-    pq.write_table(t.set_column(t.schema.get_field_index("jpg"), "jpg", pa.array(jpg, pa.binary())),
-                   shard)
+    bad = [png_bomb(20_000, 20_000), b"<html>not an image</html>", b"\xff\xd8" + b"x" * 300_000]
+    if fmt == "parquet":
+        jpg = t["jpg"].to_pylist()
+        for i, data in zip(ok, bad, strict=True):
+            jpg[i] = data
+        col = t.schema.get_field_index("jpg")
+        pq.write_table(t.set_column(col, "jpg", pa.array(jpg, pa.binary())), shard)
+    else:
+        keys = [t["key"][i].as_py() for i in ok]
+        tar = shard.with_suffix(".tar")
+        with tarfile.open(tar) as src:
+            members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src]
+        with tarfile.open(tar, "w") as dst:
+            for m, data in members:
+                if m.name == f"{keys[0]}.jpg" or m.name == f"{keys[2]}.jpg":
+                    data = bad[0] if m.name.startswith(keys[0]) else bad[2]
+                    m.size = len(data)
+                elif m.name == f"{keys[1]}.jpg":  # a link to a host file: never followed
+                    m.type, m.linkname, m.size, data = tarfile.SYMTYPE, "/etc/passwd", 0, None
+                dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    return [t["url"][i].as_py() for i in ok]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_hostile_imported_images_get_the_fetch_checks(served, tmp_path, fmt):
+    root, _, overrides = served
+    run(root, overrides, "filter")
+    folder, _ = img2dataset(root, tmp_path, fmt)
+    urls = make_hostile(folder, fmt)
     report = run(root, [*overrides, f"download.import_from={folder}", "download.fetch_missing=false",
                         "download.max_bytes=200000"], "download")
     assert report.ok
     got = connect(root).sql("select url, status, error_message, jpg from download").fetchall()
     status = {u: (s, e, j) for u, s, e, j in got}
-    urls = t["url"].to_pylist()
-    assert [status[urls[i]][0] for i in ok] == ["too_many_pixels", "failed_to_resize", "too_large"]
-    assert all(status[urls[i]][2] is None for i in ok)
+    assert [status[u][0] for u in urls] == ["too_many_pixels", "failed_to_resize", "too_large"]
+    assert all(status[u][2] is None for u in urls)
+    assert sum(s == "success" for s, _, _ in status.values()) > 0  # the others still import
 
 
 def cli_download(root, overrides, folder) -> subprocess.CompletedProcess:
