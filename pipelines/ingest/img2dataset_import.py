@@ -85,23 +85,34 @@ def scan(folder: str) -> ImportSource:
     names = sorted(posixpath.basename(p) for p in fs.ls(base, detail=False))
     shards, h = [], hashlib.sha256()
     for name in (n for n in names if n.endswith(".parquet")):
-        stem = name.removesuffix(".parquet")
-        path = posixpath.join(base, name)
-        with fs.open(path, "rb") as f:
-            image_col = check_columns(pq.ParquetFile(f).schema_arrow, path)
-        tar = posixpath.join(base, f"{stem}.tar") if f"{stem}.tar" in names else None
-        if image_col is None and tar is None:
-            raise ConfigError(FIELD, f"{path}: no image column ({', '.join(IMAGE_COLS)}) and no "
-                              f"{stem}.tar beside it; only parquet and webdataset outputs import")
-        stats = _stats(fs, posixpath.join(base, f"{stem}_stats.json"), names)
-        shards.append(ImportShard(path, tar, image_col, stats))
-        for p in (path, tar):
+        shard = _shard(fs, base, name, names)
+        shards.append(shard)
+        for p in (shard.parquet, shard.tar):
             if p:
                 h.update(f"{posixpath.basename(p)}:{fs.size(p)}\n".encode())
-        h.update(json.dumps(stats, sort_keys=True).encode())
+        h.update(json.dumps(shard.stats, sort_keys=True).encode())
     if not shards:
         raise ConfigError(FIELD, f"no img2dataset shard (NNNNN.parquet) in {folder}")
     return ImportSource(folder, tuple(shards), "sha256:" + h.hexdigest())
+
+
+def _shard(fs: fsspec.AbstractFileSystem, base: str, name: str, names: list[str]) -> ImportShard:
+    """One shard's files, as URLs (the folder may be on an object store), its columns checked."""
+    stem = name.removesuffix(".parquet")
+    def url(n: str) -> str:
+        p = posixpath.join(base, n)
+        return p if "file" in fs.protocol else fs.unstrip_protocol(p)
+    with fs.open(posixpath.join(base, name), "rb") as f:
+        pf = pq.ParquetFile(f)
+        image_col, n_rows = check_columns(pf.schema_arrow, url(name)), pf.metadata.num_rows
+    tar = url(f"{stem}.tar") if f"{stem}.tar" in names else None
+    if image_col is None and tar is None:
+        raise ConfigError(FIELD, f"{url(name)}: no image column ({', '.join(IMAGE_COLS)}) and no "
+                          f"{stem}.tar beside it; only parquet and webdataset outputs import")
+    stats = _stats(fs, posixpath.join(base, f"{stem}_stats.json"), names)
+    if stats and stats.get("count", n_rows) != n_rows:
+        log.warning("%s: %d rows, its _stats.json counts %d", url(name), n_rows, stats["count"])
+    return ImportShard(url(name), tar, image_col, stats)
 
 
 def _stats(fs: fsspec.AbstractFileSystem, path: str, names: list[str]) -> dict[str, Any] | None:
