@@ -19,6 +19,7 @@ from pipelines.core.registry import load_config
 from pipelines.core.runner import run_stage
 from storage.manifest import list_manifests, read_manifest
 from storage.views import connect
+from tests.integration.test_s3 import s3_env  # noqa: F401 - the moto S3 server fixture
 from tests.pipelines.ingest.hostile_server import png_bomb
 
 REPO = Path(__file__).resolve().parents[3]
@@ -157,3 +158,26 @@ def test_foreign_columns_exit_2_naming_file_and_column(small_demo, tmp_path, tab
     assert f"column {column!r}" in proc.stderr
     assert not list_manifests(root, "download")
     assert not root.exists(root.stage_dir("download")) or not root.fs.find(root.stage_dir("download"))
+
+
+@pytest.mark.slow
+def test_import_from_an_object_store(served, tmp_path, s3_env, monkeypatch):  # noqa: F811
+    """The img2dataset folder on S3 (moto's server on 127.0.0.1): the same rows as a fetch."""
+    import fsspec
+
+    root, _, overrides = served
+    run(root, overrides, "filter")
+    run(root, overrides, "download")
+    fetched = rows(root)
+    folder, left_out = img2dataset(root, tmp_path, "webdataset")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(k, s3_env[k])
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_env["FSSPEC_S3_ENDPOINT_URL"]})
+    fsspec.filesystem("s3").put(f"{folder}/", "racm3/i2d/", recursive=True)
+    report = run(root, [*overrides, "download.import_from=s3://racm3/i2d",
+                        "download.fetch_missing=false"], "download")
+    assert report.ok
+    got = rows(root)
+    assert {u: r for u, r in got.items() if u not in left_out} == {
+        u: r for u, r in fetched.items() if u not in left_out}
+    assert all(got[u][3] == "missing" for u in left_out)
