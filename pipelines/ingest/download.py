@@ -26,6 +26,7 @@ from pipelines.ingest.fetch import FetchLimits
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy, split_host_port
 from pipelines.ingest.polite import Manners
+from pipelines.ingest.shard_source import fill_shard, source_refs
 from storage import removals
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests, params_hash, read_manifest, upstream_ref
@@ -64,6 +65,10 @@ class DownloadConfig(StageConfig):
     # rows of done shards with these statuses are fetched again, every other row kept byte for
     # byte (`racm3 run download --retry-failed` sets the transient ones); () = no retry
     retry_statuses: tuple[str, ...] = ()
+    import_from: str = ""  # img2dataset output folder (parquet or webdataset) to take rows from; "" = fetch all
+    fetch_missing: bool = True  # with import_from: fetch the URLs it lacks (false: status "missing")
+    nsfw_model: str = ""  # image NSFW score where metadata has no punsafe: "open_nsfw" (shipped) or an .onnx path; "" = off
+    max_nsfw: float = 0.5  # rows whose image score is above this become status "unsafe"
 
     def __post_init__(self) -> None:
         self.check(self.image_size >= 8, "image_size", "must be >= 8")
@@ -83,6 +88,7 @@ class DownloadConfig(StageConfig):
                    f"unknown status {', '.join(unknown)}; one of {', '.join(FAILURE_STATUSES)}")
         self.check(self.per_host_connections >= 1, "per_host_connections", "must be >= 1")
         self.check(0 <= self.max_backoff_s < float("inf"), "max_backoff_s", "must be finite, >= 0")
+        self.check(0.0 <= self.max_nsfw <= 1.0, "max_nsfw", "must be in [0, 1]")
         for entry in self.allow_hosts:
             try:
                 split_host_port(entry)
@@ -170,7 +176,8 @@ class DownloadStage(Stage):
     description = "fetch images under a network policy into Parquet image shards"
 
     def plan(self, root: DataRoot, cfg: DownloadConfig) -> list[ShardSpec]:
-        return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id),))
+        extra = source_refs(root, cfg)
+        return [ShardSpec(self.name, m.shard_id, (upstream_ref(root, "filter", m.shard_id), *extra))
                 for m in list_manifests(root, "filter")]
 
     def load(self, cfg: DownloadConfig) -> ShardDownloader:
@@ -189,9 +196,10 @@ class DownloadStage(Stage):
         assert isinstance(downloader, ShardDownloader)
         try:
             kept, urls = previous_rows(ctx, urls)
-            table = downloader.download(urls) if urls.num_rows else IMAGE_SHARD.empty_table()
+            table, counts = fill_shard(ctx, urls, downloader)
             if kept is not None:
                 table = pa.concat_tables([kept, table]).sort_by("key")
+                counts = counts | {"reused": kept.num_rows}
         finally:
             if own:
                 downloader.close()
@@ -200,4 +208,4 @@ class DownloadStage(Stage):
         ok = int(pc.sum(pc.equal(table["status"], SUCCESS)).as_py() or 0)
         return ShardResult(rows_in=n_urls, rows_out=table.num_rows,
                            dropped={**status_counts(table), **removed},
-                           metrics={"success": ok, "failed": table.num_rows - ok})
+                           metrics={"success": ok, "failed": table.num_rows - ok, **counts})
