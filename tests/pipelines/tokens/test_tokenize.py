@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from model.document import Vocab
+from pipelines.core.config import ConfigError
 from pipelines.core.runconfig import BeamConfig, RunConfig
 from pipelines.core.runner import run_stage
 from pipelines.core.stage import ShardSpec, execute_shard
@@ -85,9 +86,11 @@ def test_rerun_skips_and_new_weights_retokenize(root):
 
 
 def test_mismatched_codebook_is_refused(root):
-    report = run_stage("tokenize", root, cfgs(dataclasses.replace(TOK, codebook_size=32)), force=True)
-    assert set(report.failed) == {"00000", "00001"}
-    assert "tokenize.codebook_size" in report.failed["00000"] and "codebook size 16" in report.failed["00000"]
+    """Refused when the stage is planned, before any shard is touched (the CLI exits 2)."""
+    before = read_manifest(root, "tokenize", "00000")
+    with pytest.raises(ConfigError, match=r"tokenize\.codebook_size.*codebook size 16"):
+        run_stage("tokenize", root, cfgs(dataclasses.replace(TOK, codebook_size=32)), force=True)
+    assert read_manifest(root, "tokenize", "00000") == before
 
 
 def test_mixed_token_shards_are_refused(root):
