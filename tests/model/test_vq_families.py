@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from model.vq.checks import CheckpointError, Expect
 from model.vq.llamagen import rename
 from model.vq.registry import load
+from pipelines.tokens.tokenize import TokenizeConfig, encode_images
+from pipelines.tokens.tokenizers import load_vqgan
 from tests.model.vq_taming import ddconfig, random_taming, save_taming
 
 # taming's ImageNet f16 shape (ch_mult [1,1,2,2,4], attention on the 16x16 grid), scaled to 64 px.
@@ -53,11 +55,13 @@ def test_chameleon_layout_tokenizes_to_1024_codes(tmp_path):
     dd = ddconfig(512, [1, 1, 2, 2, 4], [])
     ref = random_taming(dd, 8192, 8)
     path = save_taming(ref, dd, 8192, 8, tmp_path / "vqgan.ckpt", target=None)
-    ours = load(str(path), expect=Expect(n_embed=8192, factor=16, resolution=512))
-    x = images(1, 512)
-    codes = ours.encode(x)
-    assert codes.numel() == 1024
-    assert torch.equal(codes, ref.codes(x))
+    # Through the tokenize stage's own path: config fields checked, uint8 pixels -> uint16 codes.
+    cfg = TokenizeConfig(checkpoint=str(path), image_size=512, factor=16, codebook_size=8192)
+    pixels = ((images(1, 512)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]  # (1, R, R, 3)
+    row = encode_images(load_vqgan(None, cfg), pixels, batch_size=1)
+    assert row.shape == (1, 1024) and row.dtype.name == "uint16"
+    want = ref.codes(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1)  # (1, 32, 32)
+    assert (row[0] == want.flatten().numpy()).all()
 
 
 def test_yaml_and_tensors_disagree(imagenet_like, tmp_path):
