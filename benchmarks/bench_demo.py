@@ -32,8 +32,11 @@ def main() -> None:
             cmd += ["--until", args.until]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env=env)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True)
+        if proc.returncode:  # say why, not just that it failed
+            print(proc.stdout[-3000:], file=sys.stderr)
+            raise SystemExit(f"bench_demo: `{' '.join(cmd)}` exited {proc.returncode}")
         wall = time.perf_counter() - t0
         work: dict[str, float] = defaultdict(float)
         for m in list_manifests(DataRoot(d)):
