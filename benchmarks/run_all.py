@@ -30,7 +30,7 @@ SMALL: dict[str, list[str]] = {  # script -> arguments for the quick run
     "bench_pack.py": ["--sizes", "1,4", "--old-sizes", "1,4"],
     "bench_retrieve.py": ["--queries", "200"],
     "bench_sampling.py": ["--repeat", "1", "--new", "16"],
-    "bench_scale.py": ["--entities", "16", "--sizes", "1,2", "--gen-vectors", "4000"],
+    "bench_scale.py": ["--entities", "40", "--sizes", "1,2", "--gen-vectors", "4000"],
     "bench_tokenize.py": ["--images", "64", "--repeats", "1"],
     "bench_train.py": ["--steps", "4", "--repeats", "1"],
 }

@@ -40,6 +40,7 @@ from pipelines.core.config import StageConfig
 from pipelines.core.liblogs import route_lightning_logs
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.training.checkpoints import save_model
+from pipelines.training.precision import resolve_precision
 from pipelines.training.resume import StreamCheckpoint
 from pipelines.training.sequences import (
     ROLE_MAIN,
@@ -104,7 +105,7 @@ class TrainConfig(StageConfig):
     overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
     holdout_fraction: float = 0.0  # documents (stable by key) never trained on, for held-out ppl
     caption_dropout: float = 0.0  # share of main documents trained without their caption (guidance); 0 = paper
-    precision: str = "auto"  # Lightning precision; auto = bf16/fp16 mixed on GPU, fp32 on CPU
+    precision: str = "auto"  # Lightning precision; auto: bf16 mixed where the GPU or CPU has bf16
     seed: int = 0  # model init and data order
     pin_codebook: str = ""  # refuse token shards from another codebook ("" = no pin)
     pin_index: str = ""  # refuse neighbour shards from another index ("" = no pin)
@@ -284,14 +285,6 @@ class CM3Module(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"  # bf16 autocast was slower than fp32 for the tiny demo model on CPU
-
-
 def loggers(workdir: str) -> list[Any]:
     """CSV logs always; TensorBoard too when it is installed."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -314,7 +307,7 @@ def make_trainer(cfg: TrainConfig, workdir: str, checkpoint_dir: str,
     ckpt = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint_every)
     devices: Any = int(cfg.devices) if cfg.devices.isdigit() else cfg.devices
-    precision: Any = resolve_precision(cfg.precision)  # a string Lightning validates itself
+    precision: Any = resolve_precision(cfg.precision, cfg.accelerator, cfg.strategy)
     route_lightning_logs()  # its tips and banners through racm3's console filters
     return L.Trainer(
         max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=devices,
