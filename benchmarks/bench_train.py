@@ -216,6 +216,7 @@ def main() -> None:
                 secs = plain_loop(model_cfg, train_cfg, batches, args.device, "no mask" not in name,
                                   "bf16" in name, "compile" in name, losses)
             rates[name].append(tokens / secs)
+            print(f"  run {r}: {name:<22} {tokens / secs:10.0f} tokens/s", flush=True)
             if r == 0 and losses:
                 curves[name] = losses
     seed1: list[float] = []
