@@ -32,20 +32,24 @@ def child_root(base: DataRoot, *parts: str) -> DataRoot:
 
 
 def copy_root(base: DataRoot, dst: DataRoot, skip: frozenset[str] = NOT_COPIED) -> int:
-    """Copy every file of `base` but the top-level folders in `skip` to `dst`; the number copied.
+    """Copy every file of `base` but the top-level folders in `skip` to `dst` (any filesystem);
+    the number copied.
 
     A marker written last makes the copy all-or-nothing: an interrupted copy is redone.
     """
     marker = dst.join(".copied")
     if dst.exists(marker):
         return 0
-    src = [p for p in base.fs.find(base.path)
-           if base.rel(p).split("/", 1)[0] not in skip and not p.startswith(dst.path + "/")]
+    src = [p for p in base.fs.find(base.path) if base.rel(p).split("/", 1)[0] not in skip]
     dsts = [dst.join(base.rel(p)) for p in src]
     for d in sorted({posixpath.dirname(p) for p in dsts}):
         dst.makedirs(d)
-    if src:
-        base.fs.copy(src, dsts)
+    if type(base.fs) is type(dst.fs):
+        if src:
+            base.fs.copy(src, dsts)  # server-side on object stores
+    else:  # across filesystems (a local root to s3://)
+        for s, d in zip(src, dsts, strict=True):
+            dst.fs.pipe_file(d, base.fs.cat_file(s))
     dst.write_bytes_atomic(marker, str(len(src)).encode())
     return len(src)
 
