@@ -12,16 +12,11 @@ import torch
 from PIL import Image
 
 from model.images import to_tensor
-from pipelines.evaluation.generate import (
-    Sampling,
-    caption_nll,
-    generate_captions,
-    generate_images,
-)
 from pipelines.evaluation.guard import guarded_search
 from pipelines.evaluation.lineage import GENERATORS, Setup, decode_codes
-from pipelines.evaluation.perplexity import HeldOutExample, example_nll
 from pipelines.evaluation.split import SplitItem, at_size
+from pipelines.inference.sampling import Sampling, caption_nll, generate_captions, generate_images
+from pipelines.inference.scoring import HeldOutExample, example_nll
 
 RUNS = {"ra-cm3": ("ra-cm3", True), "ra-cm3 (no retrieval)": ("ra-cm3", False),
         "vanilla": ("vanilla", False)}  # perplexity run -> (model, with retrieval)

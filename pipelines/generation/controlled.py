@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from pipelines.demo.data import BACKGROUNDS
-from pipelines.evaluation.generate import Sampling
 from pipelines.generation.translate import Context, Ranked, caption_to_image
 from pipelines.generation.workbench import Workbench
+from pipelines.inference.sampling import Sampling
 
 COLOURS = np.array(list(BACKGROUNDS.values()), dtype=np.float32)  # (8, 3)
 NAMES = list(BACKGROUNDS)

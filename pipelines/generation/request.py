@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipelines.evaluation.generate import Sampling
 from pipelines.generation.ensemble import ensemble_images
 from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
@@ -25,6 +24,7 @@ from pipelines.generation.translate import (
     rank_images,
 )
 from pipelines.generation.workbench import Workbench, load_workbench
+from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)

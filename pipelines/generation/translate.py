@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.evaluation.generate import Sampling, caption_nll, generate_captions
 from pipelines.generation.guidance import Guidance, guided_images
 from pipelines.generation.workbench import Workbench
+from pipelines.inference.sampling import Sampling, caption_nll, generate_captions
 
 
 @dataclass

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.document import EOS, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
+from model.cm3.format import mask_spans
+from model.document import IMG_SRC, PAD, Vocab, sequence_positions
 
 # Lineage helpers live in a torch-free module; re-exported here, where callers import them from.
 from pipelines.training.lineage import (  # noqa: F401
@@ -199,20 +200,6 @@ def draw_spans(rng: np.random.Generator, n: int, max_spans: int,
     longest = max(1, int(n * max_span_frac))
     ends = np.append(starts[1:], n)
     return [(int(s), int(min(s + rng.integers(1, longest + 1), e))) for s, e in zip(starts, ends, strict=True)]
-
-
-def mask_spans(doc: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab) -> np.ndarray:
-    """CM3 infilling form of one document (spans index the document without its leading
-    `<img alt="` and trailing <eos>): spans become <mask:i>, and `<infill> <mask:0> span0 ...
-    <eos>` follows, so the model learns to fill them in from both sides (§3.1)."""
-    body = doc[1:-1]  # spans never touch the document's first token or its <eos>
-    kept, tail, last = [doc[:1]], [np.array([INFILL])], 0
-    for i, (s, e) in enumerate(spans):
-        kept += [body[last:s], np.array([vocab.mask(i)])]
-        tail += [np.array([vocab.mask(i)]), body[s:e]]
-        last = e
-    kept.append(body[last:])
-    return np.concatenate(kept + tail + [np.array([EOS])]).astype(doc.dtype)
 
 
 def maybe_drop_caption(rng: np.random.Generator, doc: np.ndarray, cfg: AssemblyConfig) -> np.ndarray:

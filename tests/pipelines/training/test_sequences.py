@@ -7,6 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
+from model.cm3.format import mask_spans
 from model.document import EOS, IMG_OPEN, IMG_SRC, INFILL, Vocab, positions
 from pipelines.training.sequences import (
     ROLE_MAIN,
@@ -21,7 +22,6 @@ from pipelines.training.sequences import (
     draw_spans,
     draw_unit,
     load_corpus,
-    mask_spans,
     pack,
 )
 from storage.fs import DataRoot
