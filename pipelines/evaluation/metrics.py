@@ -17,7 +17,7 @@ from pipelines.evaluation.fid import (
     kid_from_kernels,
     polynomial_kernel,
 )
-from pipelines.evaluation.lineage import MODELS
+from pipelines.evaluation.models import MODELS
 from pipelines.evaluation.records import Part
 from pipelines.evaluation.stats import Interval, bootstrap, paired_difference, resamples
 from storage.fs import DataRoot

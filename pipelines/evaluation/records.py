@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.evaluation.lineage import MODELS
+from pipelines.evaluation.models import MODELS
 from storage.fs import DataRoot
 
 

@@ -19,8 +19,8 @@ from storage.manifest import read_manifest
 
 if TYPE_CHECKING:
     from pipelines.core.stage import ShardContext
-    from pipelines.evaluation.drive import Example
-    from pipelines.evaluation.lineage import Setup
+    from pipelines.evaluation.per_image import Example
+    from pipelines.inference.loader import Inference
 
 CURVES = ("l_main", "l_image", "l_text")  # main-document losses: comparable across variants
 COLOURS = {"ra-cm3": "#d62728", "vanilla": "#1f77b4"}
@@ -115,21 +115,20 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def text_to_image_row(setup: Setup, ex: Example) -> Image.Image:
+def text_to_image_row(setup: Inference, ex: Example) -> Image.Image:
     """Retrieved documents' images (by the caption), then each model's kept image, then the real one."""
-    from pipelines.evaluation.lineage import memory_image
 
-    tiles = [thumb(memory_image(setup, k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
+    tiles = [thumb(setup.memory_image(k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
     tiles += [thumb(ex.images.get(m), label) for m, label in
               (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"), ("retrieval-baseline", "baseline"))]
     return row_image(tiles + [thumb(ex.real, "real")])
 
 
-def retrieved_text(setup: Setup, keys: list[str]) -> str:
-    return "; ".join(f"“{setup.memory_captions.get(k, k)}”" for k in keys) or "(none)"
+def retrieved_text(setup: Inference, keys: list[str]) -> str:
+    return "; ".join(f"“{setup.captions.get(k, k)}”" for k in keys) or "(none)"
 
 
-def showcase(setup: Setup, ex: Example, fig_dir: str, root: DataRoot) -> dict[str, Any]:
+def showcase(setup: Inference, ex: Example, fig_dir: str, root: DataRoot) -> dict[str, Any]:
     """Write one example's two figures into fig_dir; its texts for the report."""
     pos = ex.item.position
     figs = {f"t2i_{pos}.png": text_to_image_row(setup, ex),

@@ -21,7 +21,7 @@ from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.evaluate import reduce, report_path
 from pipelines.evaluation.fid import frechet_distance
 from pipelines.evaluation.guard import guarded_search, near_duplicates
-from pipelines.evaluation.lineage import load_setup
+from pipelines.evaluation.models import load_models
 from pipelines.evaluation.metrics import compute
 from pipelines.evaluation.records import Part
 from pipelines.evaluation.split import read_split
@@ -143,8 +143,8 @@ def test_sharded_streamed_evaluation_equals_one_shard(trained, tmp_path):
 
 
 def test_leakage_guard_excludes_a_planted_duplicate(trained):
-    setup = load_setup(trained, EVAL)
-    setup.retriever.cfg = dataclasses.replace(setup.retriever.cfg, query_sim_threshold=1.5,
+    setup = load_models(trained, EVAL)
+    setup.retriever.rule = dataclasses.replace(setup.retriever.rule, query_sim_threshold=1.5,
                                               redundancy_threshold=1.5)
     t = read_table(trained, trained.artifact("download", "00001", "parquet")).to_pylist()
     planted = decode_image(t[0]["jpg"])
@@ -165,14 +165,14 @@ def test_checkpoint_from_another_codebook_or_index_is_refused(trained, tmp_path)
     rec["lineage"]["index_fingerprint"] = "sha256:another-index"
     torch.save(rec, path)
     with pytest.raises(LineageError, match="ra-cm3 checkpoint was trained with index_fingerprint"):
-        load_setup(other, EVAL)
+        load_models(other, EVAL)
     path = other.artifact("train", "vanilla", "pt")
     rec = torch.load(path, weights_only=False)
     rec["lineage"]["codebook"] = "another-codebook"
     torch.save(rec, path)
     shutil.copy(trained.artifact("train", "ra-cm3", "pt"), other.artifact("train", "ra-cm3", "pt"))
     with pytest.raises(LineageError, match="vanilla checkpoint was trained with codebook"):
-        load_setup(other, EVAL)
+        load_models(other, EVAL)
 
 
 def test_bad_coco_entries_are_counted_and_skipped(root):

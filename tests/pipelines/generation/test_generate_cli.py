@@ -12,7 +12,7 @@ from PIL import Image
 
 from flows.cli import main
 from pipelines.generation.request import Request, run
-from pipelines.generation.workbench import load_workbench
+from pipelines.inference.loader import load_inference
 from tests.factories import entity_image
 
 
@@ -46,7 +46,7 @@ def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
                      "--doc-guidance", "1", "--out", str(tmp_path / "g"))
     assert len(guided["files"]) == 2 and guided["request"]["guidance_caption"] == 2
     # named documents: the test CLIP is random, so the redundancy rules keep few retrieved ones
-    keys = sorted(load_workbench(trained_root).memory)[:4]
+    keys = sorted(load_inference(trained_root).memory)[:4]
     ens = run_cli(trained_root, "--caption", "a photo", "--samples", "2", "--ensemble", "4",
                   "--context", *keys, "--out", str(tmp_path / "e"))
     assert ens["context"] == keys and len(ens["files"]) == 2  # 4 documents: two passes
@@ -55,7 +55,7 @@ def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
 
 
 def test_image_to_caption_and_named_context(trained_root, tmp_path, prompt_image):
-    bench = load_workbench(trained_root)
+    bench = load_inference(trained_root)
     keys = sorted(bench.memory)[:1]
     out = str(tmp_path / "i2t")
     rec = run_cli(trained_root, "--image", prompt_image, "--samples", "2", "--context", *keys,
@@ -70,7 +70,7 @@ def test_infill_keeps_the_unmasked_tokens_of_the_prompt_image(trained_root, tmp_
                   "a photo", "--samples", "2", "--out", out, "--context-image", prompt_image,
                   "--context-caption", "the same thing")
     assert rec["mode"] == "infill" and rec["context"] == ["user: prompt.png"]
-    bench = load_workbench(trained_root)
+    bench = load_inference(trained_root)
     given = np.asarray(bench.encode_images([Image.open(prompt_image)])[0])
     inside = np.zeros((4, 4), bool)
     inside[1:3, 1:3] = True
