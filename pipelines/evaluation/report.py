@@ -184,6 +184,17 @@ def difference_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]
     return ["difference", "metric", "value", "95% interval", "excludes 0"], rows
 
 
+MD_SPECIAL = "\\`*_{}[]()#+-.!|<>~"
+
+
+def md_escape(text: str) -> str:
+    """Web text as literal Markdown: every character Markdown (or raw HTML in it) would read
+    is backslash-escaped, and line breaks become spaces, so a caption cannot format, link or
+    embed anything."""
+    flat = " ".join(str(text).split())
+    return "".join("\\" + c if c in MD_SPECIAL else c for c in flat)
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -266,14 +277,14 @@ def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool) 
     out += ["## Caption → image", "", "Columns: retrieved documents (by the caption), RA-CM3, "
             "vanilla CM3, retrieval baseline, real image.", ""]
     for ex in show:
-        out += [f"**{ex['caption']}** — retrieved: {ex['retrieved_by_caption']}", "",
+        out += [f"**{md_escape(ex['caption'])}** — retrieved: {md_escape(ex['retrieved_by_caption'])}", "",
                 f"![caption {ex['position']}](main.figures/{ex['t2i']})", ""]
     out += ["## Image → caption", ""]
     for ex in show:
         out += [f"![image {ex['position']}](main.figures/{ex['i2t']})", "",
-                f"- references: {' / '.join(ex['refs'])}",
-                f"- retrieved (by the image): {ex['retrieved_by_image']}"]
-        out += [f"- {m}: “{ex['captions'].get(m, '—')}”" for m in MODEL_ORDER] + [""]
+                f"- references: {' / '.join(md_escape(r) for r in ex['refs'])}",
+                f"- retrieved (by the image): {md_escape(ex['retrieved_by_image'])}"]
+        out += [f"- {m}: “{md_escape(ex['captions'].get(m, '—'))}”" for m in MODEL_ORDER] + [""]
     return "\n".join(out)
 
 
