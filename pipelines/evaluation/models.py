@@ -23,7 +23,7 @@ def load_models(root: DataRoot, cfg: EvaluateConfig) -> Inference:
     the retrieve stage's rule, with the thresholds `cfg` sets winning."""
     set_threads(cfg.threads)
     overrides = {name: getattr(cfg, name) for name in ("query_sim_threshold", "redundancy_threshold")
-                 if getattr(cfg, name) > 0}
+                 if getattr(cfg, name) is not None}
     rule = inference_rule(root, overrides).keeping(cfg.k)
     loaded = load_inference(root, checkpoints(cfg), cfg.device, rule)
     assert loaded.retriever is not None  # the index check, before any work

@@ -21,8 +21,8 @@ from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.evaluate import reduce, report_path
 from pipelines.evaluation.fid import frechet_distance
 from pipelines.evaluation.guard import guarded_search, near_duplicates
-from pipelines.evaluation.models import load_models
 from pipelines.evaluation.metrics import compute
+from pipelines.evaluation.models import load_models
 from pipelines.evaluation.records import Part
 from pipelines.evaluation.split import read_split
 from pipelines.tokens.tokenize import TokenizeConfig
@@ -155,6 +155,26 @@ def test_leakage_guard_excludes_a_planted_duplicate(trained):
     assert t[0]["key"] in guarded_search(setup.retriever, vec, set(), n)[0]
     guarded = guarded_search(setup.retriever, vec, dups["image"], n)[0]
     assert t[0]["key"] not in guarded and len(guarded) == n - len(dups["image"])
+
+
+def test_retrieval_thresholds_set_for_the_evaluation_change_what_it_retrieves(trained):
+    from pipelines.evaluation.evaluate import EvaluatePartStage
+    from pipelines.evaluation.per_image import prepare
+
+    items, _ = read_split(trained, EVAL.coco)
+
+    def retrieved(**thresholds: float) -> list[list[str]]:
+        cfg = dataclasses.replace(EVAL, **thresholds)
+        examples = prepare(load_models(trained, cfg), items, cfg, excluded=set())
+        return [ex.by_caption for ex in examples] + [ex.by_image for ex in examples]
+
+    loose = retrieved(redundancy_threshold=1.5, query_sim_threshold=1.5)
+    strict = retrieved(redundancy_threshold=-1.5, query_sim_threshold=1.5)
+    assert all(len(keys) == EVAL.k for keys in loose)  # nothing too similar: k neighbours each
+    assert strict == [keys[:1] for keys in loose]  # everything too similar to the first: one
+    # the settings are part of what evaluate-part writes: changed, its shards run again
+    stage = EvaluatePartStage()
+    assert stage.params(EVAL) != stage.params(dataclasses.replace(EVAL, redundancy_threshold=0.5))
 
 
 def test_checkpoint_from_another_codebook_or_index_is_refused(trained, tmp_path):

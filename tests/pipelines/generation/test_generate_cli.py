@@ -54,6 +54,25 @@ def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
                  "--guidance", "1", "--out", str(tmp_path / "bad")]) == 2
 
 
+def test_set_retrieve_changes_what_generate_retrieves(trained_root, tmp_path, capsys):
+    def context(*sets: str) -> list[str]:
+        args = [x for s in sets for x in ("--set", s)]
+        return run_cli(trained_root, "--caption", "a photo of the thing", "--samples", "1", "--k", "2",
+                       "--out", str(tmp_path / f"r{len(os.listdir(tmp_path))}"), *args)["context"]
+
+    # nothing is too similar: the two best candidates; everything is: only the best one
+    loose = context("retrieve.redundancy_threshold=1.5", "retrieve.query_sim_threshold=1.5")
+    strict = context("retrieve.redundancy_threshold=-1.5", "retrieve.query_sim_threshold=1.5")
+    assert len(loose) == 2 and strict == loose[:1]
+    # validated as the retrieve section is, and the index's encoder cannot be swapped
+    for bad, field in (("retrieve.top_n=x", "retrieve.top_n"), ("retrieve.nope=1", "retrieve.nope"),
+                       ("embed.model=ViT-L-14", "embed.model"), ("train.alpha=1", "train.alpha")):
+        capsys.readouterr()
+        assert main(["generate", "--data-root", trained_root.path, "--caption", "x", "--set", bad,
+                     "--out", str(tmp_path / "bad")]) == 2
+        assert field in capsys.readouterr().err
+
+
 def test_image_to_caption_and_named_context(trained_root, tmp_path, prompt_image):
     bench = load_inference(trained_root)
     keys = sorted(bench.memory)[:1]
