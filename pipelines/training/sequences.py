@@ -44,7 +44,8 @@ ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequ
 
 @dataclass(frozen=True)
 class AssemblyConfig:
-    """How sequences are built; `pipelines.training.train.TrainConfig` carries these fields."""
+    """How sequences are built: the [train] section's data-assembly fields (`TrainConfig`
+    inherits them, so each is declared, defaulted and documented here only)."""
 
     seq_len: int = 512  # tokens per packed sequence
     k_max: int = 2  # K ~ Uniform{0..k_max} retrieved documents per main document; 0 = vanilla CM3
