@@ -3,7 +3,7 @@
 Several hundred named entities, each with its own look (a shape filled with a flag-like grid in
 its own palette), most of them rare (Zipf-like, a few documents each). The flag is centred and
 sized to the image's shorter side, so after img2dataset's centre crop it lands on the same token
-grid in every rendering: a retrieved rendering's tokens predict a new one's (DEMO-CALIBRATION.md).
+grid in every rendering: a retrieved rendering's tokens predict a new one's (docs/demo-design.md).
 Rows that each filter must drop and URLs that fail are mixed in. Two held-out splits in COCO
 captions format show the same entities in new renderings: `dev` (captions_dev.json) for every
 choice of preset values, and `test` (captions_test.json), reported and never used to choose

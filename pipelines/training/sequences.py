@@ -8,10 +8,9 @@ mixed lineage (another codebook, another index) before any training starts.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -33,6 +32,7 @@ from pipelines.training.lineage import (  # noqa: F401
     same_lineage,
     shard_lineage,
 )
+from pipelines.training.token_store import is_held_out
 from storage.fs import DataRoot
 from storage.manifest import list_manifests
 from storage.shards import read_table
@@ -119,14 +119,6 @@ class DocSource(Protocol):
     def label(self, h: Any) -> str: ...
     def neighbour_lists(self, h: Any) -> dict[tuple[str, int], list[Any]] | None: ...
     def longest(self) -> int: ...
-
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """A stable pseudo-random split by key: the same keys are held out in every run."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
 
 
 @dataclass
@@ -311,15 +303,6 @@ class Packer:
         return finish(buf, self.seq_len, self.counts)
 
 
-def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
-         lookahead: int = 16) -> Iterator[dict[str, Any]]:
-    """Pack an iterable of units (see `Packer`)."""
-    it = iter(units)
-    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
-    while (seq := packer.next()) is not None:
-        yield seq
-
-
 def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
     """Concatenate units and pad to seq_len (pad tokens have weight 0 and role ROLE_PAD);
     `segments` numbers the units 0.. (padding is one more), for the block-diagonal mask."""
@@ -442,12 +425,6 @@ def stream_position() -> tuple[int, int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return worker, n_workers, dist.get_rank(), dist.get_world_size()
     return worker, n_workers, 0, 1
-
-
-def shard_of_stream() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x loader workers."""
-    worker, n_workers, rank, world = stream_position()
-    return rank * n_workers + worker, world * n_workers
 
 
 def modality_table(vocab: Vocab) -> np.ndarray:

@@ -16,13 +16,13 @@ from pipelines.training.sequences import (
     AssemblyConfig,
     Corpus,
     LineageError,
+    Packer,
     SequenceStream,
     assemble,
     collate,
     draw_spans,
     draw_unit,
     load_corpus,
-    pack,
 )
 from storage.fs import DataRoot
 from tests.pipelines.training.corpus_factory import (
@@ -30,6 +30,14 @@ from tests.pipelines.training.corpus_factory import (
     make_neighbour_shard,
     make_token_shard,
 )
+
+
+def pack(units, seq_len: int, counts: Counter, lookahead: int = 16):
+    """Every sequence `Packer` makes from a list of units."""
+    it = iter(units)
+    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
+    while (seq := packer.next()) is not None:
+        yield seq
 
 
 @pytest.fixture
