@@ -114,7 +114,7 @@ class EvaluatePartStage(Stage):
                     show.append(report.showcase(setup, ex, fig_dir, ctx.root))
                 examples.append(ex)
         counts = dict(index.counts) | {"usable_images": len(examples)}
-        part = records.Part([records.image_record(ex) for ex in examples],
+        part = records.ShardRecords([records.image_record(ex) for ex in examples],
                             records.features_of(examples, fx.extract) if fx else {}, counts,
                             grd["summary"], show, fx.metric if fx else "")
         records.write_part(ctx.root, ctx.output_path("json"), ctx.output_path("npz"), part)

@@ -23,7 +23,7 @@ from pipelines.evaluation.fid import frechet_distance
 from pipelines.evaluation.guard import guarded_search, near_duplicates
 from pipelines.evaluation.metrics import compute
 from pipelines.evaluation.models import load_models
-from pipelines.evaluation.records import Part
+from pipelines.evaluation.records import ShardRecords
 from pipelines.evaluation.split import read_split
 from pipelines.tokens.tokenize import TokenizeConfig
 from pipelines.training.sequences import LineageError
@@ -219,7 +219,7 @@ def test_no_metric_is_computed_on_zero_samples(trained, tmp_path):
     nothing = {"position": 0, "image_id": 1, "refs": ["a"], "captions": {}, "clip": {}, "nll": {}}
     feats = {"real": np.zeros((1, 4))} | {m: np.full((1, 4), np.nan)
                                           for m in ("ra-cm3", "vanilla", "retrieval-baseline")}
-    out = compute(Part([nothing], feats, {}, {}, [], "FID-test"), 10, 0)
+    out = compute(ShardRecords([nothing], feats, {}, {}, [], "FID-test"), 10, 0)
     assert out["models"]["ra-cm3"] == {"caption_to_image_n": 0, "image_to_caption_n": 0,
                                        "perplexity_n": 0}
     assert out["models"]["retrieval-baseline"] == {"caption_to_image_n": 0, "image_to_caption_n": 0}
