@@ -2,16 +2,16 @@
 CM3 causal masking of x, packing to a fixed length, per-token loss weights, roles and positions.
 
 Pure functions do the work (draw, mask, assemble, pack); `SequenceStream` is the torch
-IterableDataset that chains them; `load_corpus` reads token and neighbour shards and refuses
-mixed lineage (another codebook, another index) before any training starts.
+IterableDataset that chains them. They read documents through `DocSource`, which the token store
+of stage `pack` implements (`pipelines.training.token_store.open_store`, refusing mixed lineage
+before any training starts); `load_tokens` reads the token shards themselves (the memory).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -24,20 +24,14 @@ from model.document import IMG_SRC, PAD, Vocab, sequence_positions
 
 # Lineage helpers live in a torch-free module; re-exported here, where callers import them from.
 from pipelines.training.lineage import (  # noqa: F401
-    NEIGHBOUR_LINEAGE,
-    QUERIES,
     TOKEN_LINEAGE,
     LineageError,
     check_pins,
     same_lineage,
-    shard_lineage,
 )
-from pipelines.training.token_store import is_held_out
 from storage.fs import DataRoot
 from storage.manifest import list_manifests
 from storage.shards import read_table
-
-log = logging.getLogger(__name__)
 
 ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequence
 
@@ -58,55 +52,8 @@ class AssemblyConfig:
     caption_dropout: float = 0.0  # share of main documents with the caption dropped (guidance); 0 = paper
 
 
-@dataclass
-class Corpus:
-    """Every main document's ids, keyed, plus its neighbour lists and the lineage they come from."""
-
-    vocab: Vocab
-    docs: dict[str, np.ndarray]  # key -> encoded document ids (int32, ends with <eos>)
-    neighbours: dict[str, dict[tuple[str, int], list[str]]] = field(default_factory=dict)
-    lineage: dict[str, Any] = field(default_factory=dict)  # codebook, text_tokenizer, index, ...
-    held_out: frozenset[str] = frozenset()  # never trained on, as main or as retrieved document
-    _train_keys: list[str] | None = field(default=None, repr=False)
-
-    _all_keys: list[str] | None = field(default=None, repr=False)
-
-    def train_keys(self) -> list[str]:
-        """Sorted keys of the documents training may use."""
-        if self._train_keys is None or len(self._train_keys) + len(self.held_out) < len(self.docs):
-            self._train_keys = sorted(k for k in self.docs if k not in self.held_out)
-        return self._train_keys
-
-    # The DocSource interface (also implemented by token_store.StoreCorpus, by integer id).
-    def n_items(self) -> int:
-        return len(self.docs)
-
-    def item(self, i: int) -> str:
-        if self._all_keys is None or len(self._all_keys) != len(self.docs):
-            self._all_keys = sorted(self.docs)
-        return self._all_keys[i]
-
-    def doc(self, h: str) -> np.ndarray:
-        return self.docs[h]
-
-    def has_doc(self, h: str) -> bool:
-        return h in self.docs
-
-    def is_held(self, h: str) -> bool:
-        return h in self.held_out
-
-    def label(self, h: str) -> str:
-        return h
-
-    def neighbour_lists(self, h: str) -> dict[tuple[str, int], list[str]] | None:
-        return self.neighbours.get(h)
-
-    def longest(self) -> int:
-        return max(map(len, self.docs.values()))
-
-
 class DocSource(Protocol):
-    """What sequence assembly reads: documents by handle (a key, or a token-store integer id)."""
+    """What sequence assembly reads: documents by handle (`token_store.StoreCorpus`: integer ids)."""
 
     vocab: Vocab
     lineage: dict[str, Any]
@@ -460,43 +407,6 @@ def load_tokens(root: DataRoot) -> tuple[Vocab, dict[str, np.ndarray], dict[str,
         for key, cap, img in zip(t["key"], t["caption_ids"], t["image_codes"], strict=True):
             docs[key] = np.asarray(vocab.encode(cap, img), dtype=np.int32)
     return vocab, docs, {**lineage, "vocab": vocab.fingerprint(), "token_shards": len(manifests)}
-
-
-def load_neighbours(root: DataRoot) -> tuple[dict[str, dict[tuple[str, int], list[str]]],
-                                             dict[str, Any]]:
-    """key -> {(query, variant): neighbour keys best first}, and the neighbours' shared lineage."""
-    manifests = sorted(list_manifests(root, "retrieve"), key=lambda m: m.shard_id)
-    if not manifests:
-        raise FileNotFoundError("no neighbour shards under retrieve/: run `racm3 run retrieve` "
-                                "first, or train the vanilla variant (train.variant=vanilla)")
-    lineage = same_lineage(manifests, NEIGHBOUR_LINEAGE)
-    table: dict[str, dict[tuple[str, int], list[str]]] = {}
-    for m in manifests:
-        t = read_table(root, root.artifact("retrieve", m.shard_id, "parquet"),
-                       ["key", "query", "variant", "neighbor_keys"]).to_pydict()
-        for key, q, v, nks in zip(t["key"], t["query"], t["variant"], t["neighbor_keys"], strict=True):
-            table.setdefault(key, {})[(q, int(v))] = list(nks)
-    return table, {**lineage, "neighbour_shards": len(manifests)}
-
-
-def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None,
-                holdout_fraction: float = 0.0) -> Corpus:
-    """Token documents (+ neighbour lists), refusing mismatched lineage before training starts;
-    a stable `holdout_fraction` of the documents is set aside for held-out perplexity."""
-    vocab, docs, lineage = load_tokens(root)
-    neighbours: dict[str, dict[tuple[str, int], list[str]]] = {}
-    if with_neighbours:
-        neighbours, n_lineage = load_neighbours(root)
-        lineage.update(n_lineage)
-        missing = sum(1 for k in neighbours if k not in docs)
-        lineage["neighbour_rows_without_tokens"] = missing
-    check_pins(lineage, pins or {})
-    held_out = frozenset(k for k in docs if is_held_out(k, holdout_fraction))
-    lineage["held_out_docs"] = len(held_out)
-    log.info("corpus: %d documents (%d held out), %d with neighbours, vocab %d", len(docs),
-             len(held_out), len(neighbours), vocab.size)
-    return Corpus(vocab=vocab, docs=docs, neighbours=neighbours, lineage=lineage,
-                  held_out=held_out)
 
 
 def longest_unit(corpus: DocSource, cfg: AssemblyConfig) -> int:
