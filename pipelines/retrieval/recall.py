@@ -102,13 +102,13 @@ def memory_entities(root: DataRoot, keys: list[str], names: set[str]) -> np.ndar
     from pipelines.demo.paths import metadata_path
 
     meta = metadata_path(root)
-    truth, names = meta.replace(".parquet", ".truth.parquet"), meta.replace(".parquet", ".entities.parquet")
+    truth, ents = meta.replace(".parquet", ".truth.parquet"), meta.replace(".parquet", ".entities.parquet")
     rows = memory_rows(root)
-    if root.exists(truth) and root.exists(names):
+    if root.exists(truth) and root.exists(ents):
         from storage.shards import read_table
 
         t = read_table(root, truth, ["URL", "entity"])
-        e = read_table(root, names, ["entity", "name"])
+        e = read_table(root, ents, ["entity", "name"])
         name_of = dict(zip(e["entity"].to_pylist(), e["name"].to_pylist(), strict=True))
         by_url = {u: name_of.get(x, "") for u, x in zip(t["URL"].to_pylist(), t["entity"].to_pylist(),
                                                         strict=True)}
