@@ -49,8 +49,10 @@ class RetrievalEvalStage(Stage):
     def plan(self, root: DataRoot, cfg: RetrievalEvalConfig) -> list[ShardSpec]:
         inputs = [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
         if cfg.dev_coco and root.exists(root.resolve(cfg.dev_coco)):
-            inputs.append(coco_ref(root, cfg.dev_coco))
-        return [ShardSpec(self.name, "main", tuple(dict.fromkeys(inputs)))]
+            dev = coco_ref(root, cfg.dev_coco)  # the demo's shard, the same input as the test split's
+            if all(dev.path != i.path for i in inputs):
+                inputs.append(dev)
+        return [ShardSpec(self.name, "main", tuple(inputs))]
 
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         cfg: RetrievalEvalConfig = ctx.cfg
