@@ -46,6 +46,8 @@ class FitClipConfig(StageConfig):
     seed: int = 0  # init, batching and hold-out draw
     holdout_fraction: float = 0.1  # docs held out for recall when there is no COCO split
     coco: str = "demo/laion.coco/captions_dev.json"  # held-out split for recall (optional): dev, it guides choices
+    # With both (dev, seed 0, 400 steps, same cost per step): caption-query same-entity hit@1
+    # 56.5 -> 100 %, image query 74.5 -> 94.5 % (pipelines/demo/clip_objective.py).
     entity_positives: bool = True  # every caption naming the same entity is a positive (clip_objective)
     reword: float = 0.5  # share of demo captions re-worded per step: random template and background
     threads: int = 1  # torch CPU threads (1 is fastest on a shared laptop: no OpenMP spinning)
