@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.demo.data import BACKGROUNDS, TEMPLATES
+from pipelines.demo.backgrounds import BACKGROUNDS
+from pipelines.demo.templates import TEMPLATES
 
 
 def _pattern(template: str) -> re.Pattern[str]:

@@ -6,8 +6,9 @@ import numpy as np
 import torch
 from open_clip.loss import ClipLoss
 
+from pipelines.demo.backgrounds import BACKGROUNDS
 from pipelines.demo.clip_objective import caption_labels, multi_positive_loss, parse_caption, reword
-from pipelines.demo.data import BACKGROUNDS, TEMPLATES
+from pipelines.demo.templates import TEMPLATES
 
 
 def test_every_template_and_background_parses_back_to_its_name():
