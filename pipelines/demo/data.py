@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.demo.backgrounds import BACKGROUNDS
+from pipelines.demo.templates import TEMPLATES
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,6 @@ PALETTE = np.array([
     (255, 250, 200), (128, 0, 0), (170, 255, 195), (0, 0, 128),
 ], dtype=np.int16)
 SHAPES = ("square", "disc", "diamond", "cross")
-# Every caption names the entity AND its background: the background is the frequent, learnable
-# attribute (8 colours over thousands of documents); the entity's look is the rare knowledge.
-TEMPLATES = (
-    "a photo of the {name} on {bg}", "the {name} on a {bg} background", "{name}, {bg} backdrop",
-    "a picture showing a {name} on {bg}", "close-up of the {name}, {bg} behind it",
-    "an image of {name} against {bg}", "the {name} emblem on {bg}",
-    "{name} in front of a {bg} wall", "a {name} pictured on {bg}", "studio shot of the {name} on {bg}",
-)
 SYLLABLES = ("ka", "zo", "ri", "vel", "mon", "ta", "qui", "dar", "sel", "po", "lun", "fex", "bri",
              "nor", "tas", "gim", "ulo", "ren", "cha", "wy", "xan", "dop", "ile", "mur")
 
