@@ -25,6 +25,7 @@ class EvaluateConfig(StageConfig):
     context_modality: str = "mixed"  # retrieved documents in context: "mixed" (caption + image), "text" or "image" only (Table 5)
     generate: bool = True  # sample and rerank (FID-type, KID, CLIP score, CIDEr-D); false: perplexities only (ablations)
     random_context: bool = False  # ablation: random memory documents instead of retrieved ones at inference (Table 5)
+    memory: str = ""  # data root whose index, key map and token shards are the memory ("" = this root's; relative to it, or absolute): made with this root's CLIP, VQGAN and BPE
     ra_checkpoint: str = "ra-cm3"  # train/<name>.pt evaluated as RA-CM3 (ablation variants have their own)
     vanilla_checkpoint: str = "vanilla"  # train/<name>.pt evaluated as vanilla CM3
     k: int = 2  # retrieved documents prepended to each prompt (RA-CM3, retrieval baseline uses the top 1)

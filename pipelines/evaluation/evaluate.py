@@ -31,6 +31,7 @@ from pipelines.evaluation.fid import (
 )
 from pipelines.evaluation.split import batches
 from pipelines.inference.loader import Inference
+from pipelines.inference.memory import check_memory, fingerprints, open_memory
 from storage.coco import CocoIndex, coco_ref, read_index
 from storage.fs import DataRoot
 from storage.manifest import read_manifest, upstream_ref
@@ -63,6 +64,14 @@ def judge(root: DataRoot, setup: Inference, cfg: EvaluateConfig) -> FeatureExtra
     return efficientnet_extractor(cfg.device)
 
 
+def memory_of(root: DataRoot, cfg: EvaluateConfig) -> DataRoot:
+    """The memory's data root, checked at plan time (a mismatched memory never starts a shard)."""
+    mem = open_memory(root, cfg.memory, "evaluate.memory")
+    if mem is not root:
+        check_memory(mem, fingerprints(root), "evaluate.memory")
+    return mem
+
+
 REDUCE_ONLY = frozenset({"bootstrap"})
 
 
@@ -76,7 +85,7 @@ class EvaluatePartStage(Stage):
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
         names = models.checkpoints(cfg).values()
         inputs = [upstream_ref(root, "train", v) for v in names]
-        inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
+        inputs += [upstream_ref(memory_of(root, cfg), "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
         return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
 
@@ -99,7 +108,8 @@ class EvaluatePartStage(Stage):
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
                 cache.update(key=key, setup=loaded,
                              judge=judge(ctx.root, loaded, cfg) if cfg.generate else None,
-                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg))
+                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg,
+                                                          loaded.memory_at))
             setup: Inference = cache["setup"]
             fx: FeatureExtractor | None = cache["judge"]
             grd: dict[str, Any] = cache["guard"]
@@ -169,7 +179,7 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
                                "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "random_context": cfg.random_context},
+                               "random_context": cfg.random_context, "memory": cfg.memory},
                   "_part": part}
 
 
