@@ -20,6 +20,7 @@ import logging
 import threading
 from typing import Any
 
+from pipelines.core.config import ConfigError
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.evaluation import guard, metrics, models, per_image, records, report
 from pipelines.evaluation.config import EvaluateConfig
@@ -87,6 +88,9 @@ class EvaluatePartStage(Stage):
         inputs = [upstream_ref(root, "train", v) for v in names]
         inputs += [upstream_ref(memory_of(root, cfg), "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
+        if cfg.context == "oracle" and any(e.entity is None for e in index.entries):
+            raise ConfigError("evaluate.context", f"\"oracle\" needs the entity of every image, "
+                              f"and {cfg.coco} has no racm3_entities for some (demo splits only)")
         return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
 
     def params(self, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -179,7 +183,7 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
                                "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "random_context": cfg.random_context, "memory": cfg.memory},
+                               "context": cfg.context, "memory": cfg.memory},
                   "_part": part}
 
 
