@@ -6,6 +6,7 @@ oracle row is the ceiling of what the generator can get from retrieval."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -44,3 +45,16 @@ class EntityDocs:
                 if key not in excluded and not (own_sha256 and self.sha256.get(key) == own_sha256)]
         rng = np.random.default_rng([position, salt, 7])
         return [pool[int(i)] for i in rng.permutation(len(pool))[:k]]
+
+
+def same_entity_rates(images: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """% of evaluation images (demo: those with an entity) whose context document at rank 1, or
+    any of them, names the image's entity; per query (caption, image). Empty off the demo."""
+    out: dict[str, dict[str, float]] = {}
+    for query in ("caption", "image"):
+        hits = [rec["same_entity"][query] for rec in images if rec.get("same_entity")]
+        if hits:
+            out[f"{query}_query"] = {
+                "rank1": round(100.0 * float(np.mean([bool(h[:1]) and h[0] for h in hits])), 2),
+                "any": round(100.0 * float(np.mean([any(h) for h in hits])), 2), "images": len(hits)}
+    return out

@@ -24,6 +24,7 @@ from pipelines.core.config import ConfigError
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.evaluation import guard, metrics, models, per_image, records, report
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.controls import same_entity_rates
 from pipelines.evaluation.fid import (
     FeatureExtractor,
     clip_extractor,
@@ -178,6 +179,7 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                          f"fix the COCO file or evaluate.image_dir")
     out = metrics.compute(part, cfg.bootstrap, cfg.seed)
     return out | {"fid_features": part.fid_features, "split": part.counts,
+                  "context_same_entity": same_entity_rates(part.images),
                   "leakage_guard": part.guard, "retrieval_recall": metrics.retrieval_recall(root),
                   "settings": {"k": cfg.k, "image_samples": cfg.image_samples,
                                "caption_samples": cfg.caption_samples, "images": len(part.images),

@@ -13,7 +13,7 @@ from PIL import Image
 from model.images import to_tensor
 from pipelines.core.config import ConfigError
 from pipelines.evaluation.config import EvaluateConfig
-from pipelines.evaluation.controls import EntityDocs, random_keys
+from pipelines.evaluation.controls import EntityDocs, random_keys, words
 from pipelines.evaluation.guard import guarded_search
 from pipelines.evaluation.models import GENERATORS
 from pipelines.evaluation.split import SplitItem
@@ -40,6 +40,7 @@ class Example:
     clip: dict[str, float] = field(default_factory=dict)  # model -> CLIP score of the kept image
     captions: dict[str, str] = field(default_factory=dict)  # model -> kept caption
     nll: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # run -> part -> (sum, n)
+    same_entity: dict[str, list[bool]] = field(default_factory=dict)  # query -> per context doc: names the image's entity (demo)
 
     @property
     def caption(self) -> str:
@@ -86,8 +87,13 @@ def prepare(setup: Inference, items: list[SplitItem], cfg: EvaluateConfig, exclu
     if cfg.context != "retrieved":
         by_cap, by_img = controlled(setup, items, cfg.context, k, excluded)
     limit = setup.tok_cfg.max_caption_tokens
-    return [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
-            for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    out = [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
+           for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    for ex in out:
+        if ex.item.entity is not None:  # demo: is the context about the image's entity?
+            ex.same_entity = {q: [ex.item.entity in words(setup.captions.get(key, "")) for key in keys]
+                              for q, keys in (("caption", ex.by_caption), ("image", ex.by_image))}
+    return out
 
 
 def context_doc(setup: Inference, key: str, modality: str) -> np.ndarray | None:

@@ -9,7 +9,7 @@ import pytest
 
 from pipelines.core.config import ConfigError
 from pipelines.evaluation.config import EvaluateConfig
-from pipelines.evaluation.controls import EntityDocs
+from pipelines.evaluation.controls import EntityDocs, same_entity_rates
 from pipelines.evaluation.evaluate import EvaluatePartStage
 from pipelines.evaluation.per_image import prepare
 from pipelines.evaluation.split import read_split
@@ -33,6 +33,15 @@ def test_oracle_names_the_entity_as_a_word_and_never_the_own_document():
     assert docs.oracle("velta", "s-x", 0, 2, set()) == ["d"]
     assert docs.oracle("nobody", "", 0, 2, set()) == []
     assert {tuple(docs.oracle("zozo", "", p, 2, set())) for p in range(20)} != {("a", "c")}  # seeded order
+
+
+def test_same_entity_rates_at_rank_1_and_any():
+    recs = [{"same_entity": {"caption": [True, False], "image": [False, False]}},
+            {"same_entity": {"caption": [False, True], "image": []}}, {"same_entity": {}}]
+    assert same_entity_rates(recs) == {
+        "caption_query": {"rank1": 50.0, "any": 100.0, "images": 2},
+        "image_query": {"rank1": 0.0, "any": 0.0, "images": 2}}
+    assert same_entity_rates([{"same_entity": {}}]) == {}
 
 
 def test_context_setting_is_checked_and_random_context_folds_in():
@@ -73,6 +82,7 @@ def test_oracle_context_in_evaluation_gives_same_entity_documents_never_the_own(
         assert ex.by_caption and ex.by_caption == ex.by_image, ex.by_caption
         assert own[ex.item.position] not in ex.by_caption
         assert all(f"the {ent}" in setup.captions[k] for k in ex.by_caption)
+        assert ex.same_entity["caption"] == [True] * len(ex.by_caption)
     # retrieved context for the same split is another list (the control changes what is used)
     retrieved = prepare(setup, items, EvaluateConfig(k=2), excluded=set())
     assert [ex.by_caption for ex in retrieved] != [ex.by_caption for ex in

@@ -58,3 +58,9 @@ def test_racm3_novel_builds_the_memory_and_evaluates_with_it(trained_root, tmp_p
     assert metrics["settings"]["memory"] == mem.uri and metrics["settings"]["images"] == 4
     assert metrics["leakage_guard"]["excluded_memory_docs"] >= 0
     assert "ra-cm3" in metrics["models"] and "vanilla" in metrics["models"]
+    # every document in context came from the novel memory, never the training root's
+    part = json.load(open(trained_root.artifact("evaluate-part", "novel-000000-000004", "json")))
+    novel_keys = set(pq.read_table(mem.artifact("index", "main", "keys.parquet"))["key"].to_pylist())
+    used = {k for rec in part["images"] for keys in rec["context"].values() for k in keys}
+    assert used and used <= novel_keys
+    assert set(metrics["context_same_entity"]) == {"caption_query", "image_query"}
