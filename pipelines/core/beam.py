@@ -32,8 +32,8 @@ class ShardDoFn(beam.DoFn):
         self.resources = self.stage.load(self.cfg)  # once per worker, as DoFn.setup promises
 
     def process(self, spec: ShardSpec):
-        m, err = run_with_retries(self.stage, self.root, self.cfg, spec, self.resources,
-                                  self.run.retries, self.run.shard_timeout_s, self.owner)
+        m, err = run_with_retries(self.stage, self.root, self.cfg, spec, self.resources, self.run,
+                                  self.owner)
         if m is not None:
             log.info("%s/%s done: %d rows", self.stage.name, m.shard_id, m.rows_out)
         yield (spec.shard_id, err or "")

@@ -81,6 +81,8 @@ class EvaluatePartStage(Stage):
     """Shards `<start>-<stop>` of the split: per-image records, judge features, report figures."""
 
     name = "evaluate-part"
+    config = EvaluateConfig
+    section = "evaluate"  # one set of settings for the shards and the reduce
     version = "1"
     description = "one shard of evaluation images: sample, rerank, perplexities, judge features"
 
@@ -192,9 +194,3 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
 def report_path(root: DataRoot) -> str:
     """Where the HTML report is (what the CLI prints after `racm3 demo`)."""
     return root.artifact("evaluate", "main", "report.html")
-
-
-# evaluate-part reads the [evaluate] section (one set of settings for the shards and the reduce);
-# set after the class body, which derives `section` from the name.
-EvaluatePartStage.config = EvaluateConfig  # type: ignore[misc]
-EvaluatePartStage.section = "evaluate"

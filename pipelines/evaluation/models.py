@@ -4,6 +4,7 @@ checkpoints and retrieval settings."""
 from __future__ import annotations
 
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.judge import judge_clip
 from pipelines.inference.loader import Inference, load_inference, set_threads
 from pipelines.inference.retrieval import inference_rule
 from storage.fs import DataRoot
@@ -28,4 +29,7 @@ def load_models(root: DataRoot, cfg: EvaluateConfig) -> Inference:
     rule = inference_rule(root, overrides).keeping(cfg.k)
     loaded = load_inference(root, checkpoints(cfg), cfg.device, rule, memory=cfg.memory)
     assert loaded.retriever is not None  # the index check, before any work
+    # the CLIP score's judge: the retrieval CLIP unless evaluate.judge_checkpoint names another
+    loaded.shared["judge"] = judge_clip(root, loaded.retriever.encoder, cfg.judge_model,
+                                        cfg.judge_checkpoint, cfg.device)
     return loaded

@@ -15,6 +15,7 @@ from pipelines.core.config import ConfigError
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.controls import EntityDocs, random_keys, words
 from pipelines.evaluation.guard import guarded_search
+from pipelines.evaluation.judge import clip_scores
 from pipelines.evaluation.models import GENERATORS
 from pipelines.evaluation.split import SplitItem
 from pipelines.inference.images import at_size
@@ -118,7 +119,8 @@ def context(setup: Inference, keys: list[str], variant: str, k: int,
 
 def caption_to_image(setup: Inference, ex: Example, variant: str, cfg: EvaluateConfig,
                      gen: torch.Generator) -> None:
-    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it."""
+    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it (the
+    paper's reranking); its CLIP score comes from the judge (the same CLIP unless configured)."""
     params = Sampling(cfg.image_temperature, 0, cfg.image_top_p)
     codes = generate_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
                             cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k,
@@ -127,7 +129,9 @@ def caption_to_image(setup: Inference, ex: Example, variant: str, cfg: EvaluateC
     enc = setup.retriever.encoder
     scores = enc.encode_image(images) @ enc.encode_text([ex.caption])[0]  # (N,)
     best = int(np.argmax(scores))
-    ex.images[variant], ex.clip[variant] = images[best], float(scores[best])
+    judge = setup.shared.get("judge") or enc
+    score = scores[best] if judge is enc else clip_scores(judge, [images[best]], ex.caption)[0]
+    ex.images[variant], ex.clip[variant] = images[best], float(score)
 
 
 

@@ -240,3 +240,17 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
     a = rng.normal(size=(50, 8))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2 = 8
+
+
+def test_a_separate_judge_clip_scores_the_same_images(trained):
+    """The retrieval CLIP reranks; a judge CLIP with other weights gives the CLIP score."""
+    import dataclasses
+
+    base = run_evaluation(trained, EVAL)["models"]
+    judge = write_checkpoint(trained, seed=1, path="weights/judge.pt")
+    judged = run_evaluation(trained, dataclasses.replace(
+        EVAL, judge_model="racm3-tiny", judge_checkpoint=judge))["models"]
+    fid = "FID-EffNetLite0"
+    for name in ("ra-cm3", "vanilla"):
+        assert judged[name][fid] == pytest.approx(base[name][fid])  # the same images were kept
+        assert judged[name]["CLIP-score"] != pytest.approx(base[name]["CLIP-score"])
