@@ -20,9 +20,11 @@ import logging
 import threading
 from typing import Any
 
+from pipelines.core.config import ConfigError
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.evaluation import guard, metrics, models, per_image, records, report
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.controls import same_entity_rates
 from pipelines.evaluation.fid import (
     FeatureExtractor,
     clip_extractor,
@@ -31,6 +33,7 @@ from pipelines.evaluation.fid import (
 )
 from pipelines.evaluation.split import batches
 from pipelines.inference.loader import Inference
+from pipelines.inference.memory import check_memory, fingerprints, open_memory
 from storage.coco import CocoIndex, coco_ref, read_index
 from storage.fs import DataRoot
 from storage.manifest import read_manifest, upstream_ref
@@ -63,6 +66,14 @@ def judge(root: DataRoot, setup: Inference, cfg: EvaluateConfig) -> FeatureExtra
     return efficientnet_extractor(cfg.device)
 
 
+def memory_of(root: DataRoot, cfg: EvaluateConfig) -> DataRoot:
+    """The memory's data root, checked at plan time (a mismatched memory never starts a shard)."""
+    mem = open_memory(root, cfg.memory, "evaluate.memory")
+    if mem is not root:
+        check_memory(mem, fingerprints(root), "evaluate.memory")
+    return mem
+
+
 REDUCE_ONLY = frozenset({"bootstrap"})
 
 
@@ -78,8 +89,11 @@ class EvaluatePartStage(Stage):
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
         names = models.checkpoints(cfg).values()
         inputs = [upstream_ref(root, "train", v) for v in names]
-        inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
+        inputs += [upstream_ref(memory_of(root, cfg), "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
+        if cfg.context == "oracle" and any(e.entity is None for e in index.entries):
+            raise ConfigError("evaluate.context", f"\"oracle\" needs the entity of every image, "
+                              f"and {cfg.coco} has no racm3_entities for some (demo splits only)")
         return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
 
     def params(self, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -101,7 +115,8 @@ class EvaluatePartStage(Stage):
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
                 cache.update(key=key, setup=loaded,
                              judge=judge(ctx.root, loaded, cfg) if cfg.generate else None,
-                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg))
+                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg,
+                                                          loaded.memory_at))
             setup: Inference = cache["setup"]
             fx: FeatureExtractor | None = cache["judge"]
             grd: dict[str, Any] = cache["guard"]
@@ -166,12 +181,13 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                          f"fix the COCO file or evaluate.image_dir")
     out = metrics.compute(part, cfg.bootstrap, cfg.seed)
     return out | {"fid_features": part.fid_features, "split": part.counts,
+                  "context_same_entity": same_entity_rates(part.images),
                   "leakage_guard": part.guard, "retrieval_recall": metrics.retrieval_recall(root),
                   "settings": {"k": cfg.k, "image_samples": cfg.image_samples,
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
                                "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "random_context": cfg.random_context},
+                               "context": cfg.context, "memory": cfg.memory},
                   "_part": part}
 
 

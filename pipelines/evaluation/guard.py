@@ -38,15 +38,17 @@ def near_duplicates(root: DataRoot, image_emb: np.ndarray, text_emb: np.ndarray,
     return out
 
 
-def split_exclusions(root: DataRoot, retriever: Retriever, index: CocoIndex, cfg: Any) -> dict[str, Any]:
-    """The guard over the WHOLE split (every shard excludes the same documents), batch by batch.
+def split_exclusions(root: DataRoot, retriever: Retriever, index: CocoIndex, cfg: Any,
+                     memory: DataRoot | None = None) -> dict[str, Any]:
+    """The guard over the WHOLE split (every shard excludes the same documents), batch by batch;
+    the split's images are read from `root`, the memory's embeddings from `memory` (default `root`).
 
     Reads its own copy of the counts: the skips of the split are counted by the shards."""
     enc = retriever.encoder
     scratch = CocoIndex(index.path, index.dirs, index.entries, dict(index.counts))
     dups: dict[str, set[str]] = {"image": set(), "text": set()}
     for batch in batches(root, scratch, 0, None, cfg.batch_images):
-        d = near_duplicates(root, enc.encode_image([it.image for it in batch]),
+        d = near_duplicates(memory or root, enc.encode_image([it.image for it in batch]),
                             enc.encode_text([c for it in batch for c in it.captions]),
                             cfg.dup_image_threshold, cfg.dup_text_threshold)
         dups["image"] |= d["image"]

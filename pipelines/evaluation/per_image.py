@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from model.images import to_tensor
+from pipelines.core.config import ConfigError
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.controls import EntityDocs, random_keys, words
 from pipelines.evaluation.guard import guarded_search
 from pipelines.evaluation.judge import clip_scores
 from pipelines.evaluation.models import GENERATORS
@@ -39,23 +41,41 @@ class Example:
     clip: dict[str, float] = field(default_factory=dict)  # model -> CLIP score of the kept image
     captions: dict[str, str] = field(default_factory=dict)  # model -> kept caption
     nll: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # run -> part -> (sum, n)
+    same_entity: dict[str, list[bool]] = field(default_factory=dict)  # query -> per context doc: names the image's entity (demo)
 
     @property
     def caption(self) -> str:
         return self.item.captions[0]
 
 
-def random_keys(setup: Inference, position: int, k: int, excluded: set[str], salt: int) -> list[str]:
-    """k memory keys drawn at random (seeded by the image's position): the relevance ablation."""
-    keys = sorted(setup.memory)
-    rng = np.random.default_rng([position, salt])
-    picks = [keys[int(i)] for i in rng.permutation(len(keys))[:k + len(excluded)]]
-    return [x for x in picks if x not in excluded][:k]
+def entity_docs(setup: Inference) -> EntityDocs:
+    """The memory's documents by entity (built once per set-up, shared by its copies)."""
+    if "entity_docs" not in setup.shared:
+        index = setup.retriever.index
+        setup.shared["entity_docs"] = EntityDocs(setup.captions, dict(zip(index.keys.tolist(),
+                                                                          index.sha256.tolist(), strict=True)))
+    return setup.shared["entity_docs"]
+
+
+def controlled(setup: Inference, items: list[SplitItem], context: str, k: int,
+               excluded: set[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(by caption, by image) keys of a control: random documents, or oracle ones (the same for
+    both queries: the entity is the query's, whichever part asks)."""
+    if context == "random":
+        keys = sorted(setup.memory)
+        return ([random_keys(keys, it.position, k, excluded, 0) for it in items],
+                [random_keys(keys, it.position, k, excluded, 1) for it in items])
+    docs = entity_docs(setup)
+    if any(it.entity is None for it in items):
+        raise ConfigError("evaluate.context", "\"oracle\" needs the entity of every image "
+                          "(racm3_entities in the COCO file: demo splits only)")
+    oracle = [docs.oracle(str(it.entity), it.sha256, it.position, k, excluded) for it in items]
+    return oracle, [list(o) for o in oracle]
 
 
 def prepare(setup: Inference, items: list[SplitItem], cfg: EvaluateConfig, excluded: set[str]) -> list[Example]:
     """Encode one batch (codes, caption ids) and retrieve with the caption and with the image
-    (or draw random memory documents, with `random_context`)."""
+    (or, as a control, draw random or oracle memory documents: `cfg.context`)."""
     k = cfg.k
     size = setup.tok_cfg.image_size
     reals = [at_size(it.image, size) for it in items]  # (R, R, 3) uint8 each
@@ -65,12 +85,16 @@ def prepare(setup: Inference, items: list[SplitItem], cfg: EvaluateConfig, exclu
                             excluded, k)
     by_img = guarded_search(setup.retriever, enc.encode_image([it.image for it in items]),
                             excluded, k)
-    if cfg.random_context:
-        by_cap = [random_keys(setup, it.position, k, excluded, 0) for it in items]
-        by_img = [random_keys(setup, it.position, k, excluded, 1) for it in items]
+    if cfg.context != "retrieved":
+        by_cap, by_img = controlled(setup, items, cfg.context, k, excluded)
     limit = setup.tok_cfg.max_caption_tokens
-    return [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
-            for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    out = [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
+           for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    for ex in out:
+        if ex.item.entity is not None:  # demo: is the context about the image's entity?
+            ex.same_entity = {q: [ex.item.entity in words(setup.captions.get(key, "")) for key in keys]
+                              for q, keys in (("caption", ex.by_caption), ("image", ex.by_image))}
+    return out
 
 
 def context_doc(setup: Inference, key: str, modality: str) -> np.ndarray | None:

@@ -30,7 +30,9 @@ class ShardRecords:
 def image_record(ex: Any) -> dict[str, Any]:
     return {"position": ex.item.position, "image_id": ex.item.image_id, "refs": ex.item.captions,
             "captions": dict(ex.captions), "clip": dict(ex.clip),
-            "nll": {run: {k: list(v) for k, v in d.items()} for run, d in ex.nll.items()}}
+            "nll": {run: {k: list(v) for k, v in d.items()} for run, d in ex.nll.items()},
+            "context": {"caption": list(ex.by_caption), "image": list(ex.by_image)},
+            "same_entity": dict(ex.same_entity)}
 
 
 def features_of(examples: list[Any], extract: Any) -> dict[str, np.ndarray]:

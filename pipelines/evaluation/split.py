@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ class SplitItem:
     image: Image.Image  # RGB, as stored
     captions: list[str]
     position: int = 0  # its entry's index in the split (seeds its sampling, whatever the sharding)
+    entity: str | None = None  # demo only: the entity it shows (the split's racm3_entities)
+    sha256: str = ""  # of the stored image file (a memory document with it is the query's own)
 
 
 def items(root: DataRoot, index: CocoIndex, start: int = 0,
@@ -30,7 +33,8 @@ def items(root: DataRoot, index: CocoIndex, start: int = 0,
         if image is None:  # checked decodable by the reader; counted there if not
             index.counts["skipped_undecodable_image"] += 1
             continue
-        yield SplitItem(it.entry.image_id, image, it.entry.captions, it.position)
+        yield SplitItem(it.entry.image_id, image, it.entry.captions, it.position, it.entry.entity,
+                        hashlib.sha256(it.data).hexdigest())
 
 
 def batches(root: DataRoot, index: CocoIndex, start: int, stop: int | None,

@@ -57,6 +57,7 @@ class Request:
     out: str = "generated"  # output folder
     device: str = "cpu"
     sets: tuple[str, ...] = ()  # `retrieve.<field>=value` / `embed.model=NAME`: retrieval settings (default: the retrieve stage's)
+    memory: str = ""  # another data root whose index, key map and token shards are the memory ("" = this root's)
 
     @property
     def mode(self) -> str:
@@ -185,6 +186,6 @@ def generate(root: DataRoot, req: Request) -> dict[str, Any]:
     """Load the checkpoint, run the request, write its outputs; the result record."""
     overrides, encoder = parse_sets(list(req.sets))
     rule = inference_rule(root, overrides, encoder)
-    bench = load_inference(root, (req.variant,), req.device, rule)
+    bench = load_inference(root, (req.variant,), req.device, rule, memory=req.memory)
     ranked, context, image = run(bench, req)
     return write(bench, req, ranked, context, image)

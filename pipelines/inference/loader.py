@@ -1,5 +1,6 @@
 """The one loader under evaluation and generation: trained checkpoints, their tokenizers, the
-memory (token documents, captions, index) and the retriever, checked by one lineage policy."""
+memory (token documents, captions, index; the data root's own or another root's, swapped in) and
+the retriever, checked by one lineage policy."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from model.transformer import Transformer
 from pipelines.core.registry import config_of
 from pipelines.inference.images import at_size, decode_codes
 from pipelines.inference.lineage_policy import check_checkpoint, check_index
-from pipelines.inference.memory import memory_captions
+from pipelines.inference.memory import check_memory, fingerprints, memory_captions, open_memory
 from pipelines.inference.retrieval import inference_rule
 from pipelines.retrieval.search import Retriever, SearchRule
 from pipelines.tokens.tokenizers import Tokenizers, load_tokenizers
@@ -47,6 +48,12 @@ class Inference:
     rule: SearchRule  # the redundancy rule retrieval applies
     device: str = "cpu"
     shared: dict[str, Any] = field(default_factory=dict)
+    memory_root: DataRoot | None = None  # another root's memory swapped in (None = `root`'s own)
+
+    @property
+    def memory_at(self) -> DataRoot:
+        """The data root whose index, key map and token shards are the memory."""
+        return self.memory_root or self.root
 
     @property
     def model(self) -> Transformer:
@@ -66,11 +73,13 @@ class Inference:
 
     @property
     def retriever(self) -> Retriever:
-        """The retriever over the memory's index; every loaded checkpoint is checked against it."""
+        """The retriever over the memory's index; every loaded checkpoint is checked against it
+        (a swapped memory's index is new to every checkpoint: its encoder was checked instead)."""
         if "retriever" not in self.shared:
-            retriever = Retriever(self.root, self.rule, self.device)
+            retriever = Retriever(self.memory_at, self.rule, self.device)
             for role, rec in self.records.items():
-                check_index(role, rec, retriever.index.digest)
+                if self.memory_root is None:
+                    check_index(role, rec, retriever.index.digest)
             self.shared["retriever"] = retriever
         return self.shared["retriever"]
 
@@ -78,7 +87,7 @@ class Inference:
     def captions(self) -> dict[str, str]:
         """Memory key -> caption text (pages, demonstrations, the retrieval baseline)."""
         if "captions" not in self.shared:
-            self.shared["captions"] = memory_captions(self.root)
+            self.shared["captions"] = memory_captions(self.memory_at)
         return self.shared["captions"]
 
     def use(self, role: str) -> Inference:
@@ -138,28 +147,34 @@ class Inference:
 
 def load_inference(root: DataRoot, checkpoints: Mapping[str, str] | tuple[str, ...] = ("ra-cm3",),
                    device: str = "cpu", rule: SearchRule | None = None,
-                   encoder: str = "") -> Inference:
+                   encoder: str = "", memory: str = "") -> Inference:
     """Tokenizers, memory and trained checkpoints (role -> train/<name>.pt, or names that are
     their own roles; the first is active). `rule`: the redundancy rule at inference (default:
     `inference_rule(root)`, the retrieve stage's); `encoder`: the embed.model the caller expects
-    of the index (refused when it differs). A checkpoint of another codebook, text tokenizer,
-    vocabulary or (on first retrieval) index is refused."""
+    of the index (refused when it differs); `memory`: another data root whose memory is used
+    ("" = this root's; refused unless its encoder, codebook and text tokenizer are this root's).
+    A checkpoint of another codebook, text tokenizer, vocabulary or (on first retrieval) index
+    is refused."""
     names = dict(checkpoints) if isinstance(checkpoints, Mapping) else {c: c for c in checkpoints}
     dev = resolve_device(device)
     tok_cfg = config_of(root, "tokenize")
     tok = load_tokenizers(root, tok_cfg)
-    vocab, memory, mem_lineage = load_tokens(root)
+    mem_root = open_memory(root, memory)
+    if mem_root is not root:
+        check_memory(mem_root, {"encoder": fingerprints(root)["encoder"], "codebook": tok.codebook,
+                                "text_tokenizer": tok.text_fp})
+    vocab, memory_docs, mem_lineage = load_tokens(mem_root)
     models: dict[str, Transformer] = {}
     records: dict[str, dict[str, Any]] = {}
     for role, name in names.items():
         model, v, rec = load_trained(root, name, dev)
         check_checkpoint(role, rec, v, tok, vocab, mem_lineage)
         models[role], records[role] = model, rec
-    log.info("inference: %s, %d memory documents, grid %d", ", ".join(names), len(memory),
-             int(tok_cfg.grid))
+    log.info("inference: %s, %d memory documents from %s, grid %d", ", ".join(names),
+             len(memory_docs), mem_root.uri, int(tok_cfg.grid))
     rule = rule or inference_rule(root, encoder=encoder)
-    return Inference(root, next(iter(names)), models, records, vocab, tok, tok_cfg, memory, rule,
-                     dev)
+    return Inference(root, next(iter(names)), models, records, vocab, tok, tok_cfg, memory_docs,
+                     rule, dev, memory_root=None if mem_root is root else mem_root)
 
 
 def set_threads(n: int) -> None:
