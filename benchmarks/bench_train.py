@@ -28,11 +28,11 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run as a script
 
+from benchmarks.dict_source import DictSource as Corpus
 from model.document import Vocab
 from model.transformer import Transformer, preset
 from pipelines.training.sequences import (
     AssemblyConfig,
-    Corpus,
     SequenceStream,
     collate,
     longest_unit,

@@ -219,8 +219,8 @@ def parts_layout(manifests: list[Manifest]) -> list[list[Any]]:
 class StoreCorpus:
     """The documents of a token store, by integer id, memory-mapped (see the module docstring).
 
-    Implements what `pipelines.training.sequences` draws from (the same methods as its dict
-    `Corpus`); handles are global document ids. Pickles without its arrays (workers re-open).
+    Implements what `pipelines.training.sequences` draws from (its `DocSource` protocol);
+    handles are global document ids. Pickles without its arrays (workers re-open).
     """
 
     vocab: Vocab
