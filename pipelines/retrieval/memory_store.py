@@ -40,8 +40,23 @@ def key_hashes(keys: Sequence[str]) -> np.ndarray:
 
 def digests(hexes: Sequence[str | None]) -> np.ndarray:
     """(N, 32) uint8 from hex sha256 strings; '' or None becomes all zeros."""
-    raw = b"".join(bytes.fromhex(h) if h else NO_DIGEST for h in hexes)
+    try:
+        raw = b"".join(bytes.fromhex(h) if h else NO_DIGEST for h in hexes)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32 * len(hexes):
+        bad = next(h for h in hexes if h and (len(h) != 64 or not _is_hex(h)))
+        raise ValueError(f"sha256 column: {bad!r} is not a 64-digit hex digest (what download "
+                         f"writes): re-run `racm3 run download` and `racm3 run embed`")
     return np.frombuffer(raw, np.uint8).reshape(len(hexes), 32)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- reading

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -55,6 +57,11 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def hexsha(label: str) -> str:
+    """A real sha256 hex digest standing for `label` ('' stays ''): equal labels, equal digests."""
+    return hashlib.sha256(label.encode()).hexdigest() if label else ""
+
+
 def write_embed_shard(root: DataRoot, shard_id: str, keys: list[str], sha: list[str],
                       text: np.ndarray, image: np.ndarray, doc: np.ndarray,
                       encoder: str = "racm3-tiny@test", dim: int | None = None) -> None:
@@ -64,6 +71,7 @@ def write_embed_shard(root: DataRoot, shard_id: str, keys: list[str], sha: list[
     def col(x: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d)
 
+    sha = [hexsha(s) for s in sha]  # labels in, digests of the download stage's form out
     table = pa.Table.from_arrays([pa.array(keys), pa.array(sha), col(text), col(image), col(doc)],
                                  schema=embed_schema(d))
     metrics = {"encoder": encoder, "model": "racm3-tiny", "checkpoint": CKPT, "dim": dim or d}
