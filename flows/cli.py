@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute shards that are done")
     p.add_argument("--local", action="store_true",
                    help="run without Prefect (same shards, same manifests)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="download only: fetch again the rows that failed for a transient reason "
+                        "(timeouts, connection errors, 5xx, 429); every other row is kept")
 
     p = sub.add_parser("verify", help="re-hash every output against its manifest; corrupt "
                        "shards become stale (recomputed by the next run); exit 1 if any")
@@ -61,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lineage", help="ancestry of a shard or artifact, back to the metadata rows")
     data_root_arg(p)
-    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute")
+    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute, "
+                               "or a document key (NNN-NNNNNNNNN): its URL, caption, licence, "
+                               "metadata row and fetch")
 
     p = sub.add_parser("decode", help="write a document's image and its VQGAN reconstruction to a PNG")
     p.add_argument("key", help="document key (see `racm3 inspect \"select key from tokenize\"`)")
@@ -78,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
 # subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
-PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate")
+PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli")
 
 
 def plugin(name: str):
@@ -171,7 +176,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.fs import DataRoot
 
     stage = get_stage(args.stage)
-    cfgs = load_config(args.preset, args.config_file, args.overrides)
+    overrides = list(args.overrides)
+    if args.retry_failed:
+        from pipelines.core.config import ConfigError
+        from pipelines.ingest.downloader import TRANSIENT
+
+        if args.stage != "download":
+            raise ConfigError("--retry-failed", "applies to the download stage only")
+        overrides.append(f"download.retry_statuses={list(TRANSIENT)!r}".replace("'", '"'))
+    cfgs = load_config(args.preset, args.config_file, overrides)
     if args.local:
         from pipelines.core.driver import InProcess, drive
 
@@ -191,9 +204,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipelines.core.registry import STAGES, get_stage, load_config
     from pipelines.core.stage import shard_states
     from storage.fs import DataRoot
+    from storage.removal_audit import made_before_removal
     from storage.verify import corrupt_shards
 
     cfgs, root = load_config(args.preset, args.config_file, args.overrides), DataRoot(args.data_root)
+    before_removal = made_before_removal(root)
     t = Table(title=f"racm3 status: {args.data_root}")
     for col in ("stage", "shards", "done", "stale", "missing", "corrupt", "note"):
         t.add_column(col)
@@ -207,6 +222,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         counts = {s: sum(1 for x in states if x.state == s) for s in ("done", "stale", "missing")}
         note = "corrupt shards are recomputed by `racm3 run`" if corrupt else ""
+        if name in before_removal:
+            note = (f"[yellow]{len(before_removal[name])} made before the latest removal: "
+                    f"may use removed documents; re-run[/yellow]")
         t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")),
                   f"[red]{corrupt}[/red]" if corrupt else "0", note)
     Console().print(t)
@@ -220,12 +238,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.stage:
         get_stage(args.stage)  # an unknown stage name exits 2
-    checked, findings = verify(DataRoot(args.data_root), args.stage)
+    from storage.removal_audit import leftovers
+
+    root = DataRoot(args.data_root)
+    checked, findings = verify(root, args.stage)
     for f in findings:
         print(f"CORRUPT {f.stage}/{f.shard_id}: {'; '.join(f.problems)}")
     print(f"verified {checked} shards: {len(findings)} corrupt"
           + (" (marked stale: `racm3 run STAGE` recomputes them)" if findings else ""))
-    return EXIT_FAILED if findings else 0
+    left = [x for x in leftovers(root) if args.stage in (None, x.stage)]
+    for x in left:
+        print(f"REMOVED-DOCUMENTS {x.stage}/{x.shard_id}: still names {x.documents} removed "
+              "document(s): re-run the pipeline to carry the removal through")
+    if left:
+        print(f"{len(left)} shards still hold removed documents")
+    return EXIT_FAILED if findings or left else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -291,12 +318,34 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from storage.lineage import render, walk
 
     root = DataRoot(args.data_root)
+    if KEY_RE.match(args.path):  # a document key: where it came from
+        return print_provenance(root, args.path)
     node = walk(root, args.path)
     if node.manifest is None:
         print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
               file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(render(node)))
+    return 0
+
+
+KEY_RE = __import__("re").compile(r"^\d{3}-\d{9}$")
+
+
+def print_provenance(root: Any, key: str) -> int:
+    import datetime
+
+    from storage.provenance import provenance
+
+    p = provenance(root, [key]).get(key)
+    if p is None:
+        print(f"racm3: error: no filter shard covers document {key}", file=sys.stderr)
+        return EXIT_USAGE
+    when = (datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
+            if p.fetched_at else "not downloaded")
+    print(f"document {key}\n  url: {p.url}\n  caption: {p.caption}\n  license: {p.license}\n"
+          f"  metadata: {p.metadata_file} row {p.metadata_row}\n  filter shard: {p.filter_shard}"
+          f"\n  download shard: {p.download_shard or '-'} (fetched {when})")
     return 0
 
 

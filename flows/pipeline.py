@@ -25,7 +25,7 @@ log = logging.getLogger("racm3")
 # Stages not registered yet are left out.
 PLAN: tuple[tuple[str, dict[str, Any]], ...] = (
     ("demo", {}), ("filter", {}), ("download", {}), ("fit-clip", {}), ("fit-vqgan", {}),
-    ("embed", {}), ("tokenize", {}), ("index", {}), ("retrieval-eval", {}), ("retrieve", {}),
+    ("embed", {}), ("decontaminate", {}), ("tokenize", {}), ("index", {}), ("retrieval-eval", {}), ("retrieve", {}),
     ("pack", {}),
     ("train", {"variant": "ra-cm3"}), ("train", {"variant": "vanilla"}),
     ("evaluate-part", {}), ("evaluate", {}),

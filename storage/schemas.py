@@ -32,6 +32,7 @@ IMAGE_SHARD = pa.schema([
     ("pwatermark", pa.float32()),
     ("punsafe", pa.float32()),
     ("similarity", pa.float32()),
+    ("nsfw_score", pa.float32()),  # open_nsfw P(NSFW) of the stored image; null = not scored (download.nsfw_model)
 ])
 
 SUCCESS = "success"

@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "fit-clip": "pipelines.demo.fit_clip:FitClipStage",
     "fit-vqgan": "pipelines.demo.fit_vqgan:FitVQGANStage",
     "embed": "pipelines.retrieval.embed:EmbedStage",
+    "decontaminate": "pipelines.retrieval.decontaminate:DecontaminateStage",
     "tokenize": "pipelines.tokens.tokenize:TokenizeStage",
     "index": "pipelines.retrieval.index:IndexStage",
     "retrieval-eval": "pipelines.retrieval.recall:RetrievalEvalStage",

@@ -169,6 +169,10 @@ class Stage:
     def fingerprint(self, cfg: Any, spec: ShardSpec) -> str:
         return fingerprint(self.version, params_hash(self.params(cfg)), list(spec.inputs))
 
+    def wants_rerun(self, cfg: Any, manifest: Manifest) -> bool:
+        """Whether a done shard should run again anyway (download's retry of failed URLs)."""
+        return False
+
 
 @dataclass
 class ShardState:
@@ -186,6 +190,8 @@ def shard_states(stage: Stage, root: DataRoot, cfg: Any) -> list[ShardState]:
             state = "missing"
         else:
             state = "done" if m.fingerprint == fp else "stale"
+            if state == "done" and stage.wants_rerun(cfg, m):
+                state = "stale"
         out.append(ShardState(spec, fp, state))
     return out
 

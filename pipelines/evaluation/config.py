@@ -38,7 +38,9 @@ class EvaluateConfig(StageConfig):
     dup_image_threshold: float = 0.98  # memory docs whose image embedding scores above this with an eval image are excluded
     dup_text_threshold: float = 0.98  # memory docs whose caption embedding scores above this with an eval caption are excluded
     fid_features: str = "efficientnet"  # judge of the FID-type score and KID: "efficientnet" (ImageNet, plays no other role) or "clip" (the retriever)
-    inception_weights: str = ""  # Inception-v3 state dict (local file, pytorch-fid/torchvision format): true FID instead
+    inception_weights: str = ""  # pytorch-fid's pt_inception-2015-12-05-*.pth (local file): the standard FID instead
+    judge_model: str = ""  # open_clip config of the CLIP that gives the CLIP score ("" = the retrieval CLIP's)
+    judge_checkpoint: str = ""  # its weights, local file (relative to the root, or absolute); "" = the retrieval CLIP
     bootstrap: int = 1000  # bootstrap resamples over test images for the 95% intervals (0 = none)
     show: int = 4  # examples per grid in the report
     seed: int = 0  # sampling and bootstrap seed
@@ -62,3 +64,17 @@ class EvaluateConfig(StageConfig):
             self.check(0 < getattr(self, name) <= 1.0001, name, "must be in (0, 1]")
         self.check(0 < self.image_top_p <= 1 and 0 < self.text_top_p <= 1, "image_top_p",
                    "top_p values must be in (0, 1]")
+        self._check_judge()
+
+    def _check_judge(self) -> None:
+        """A judge CLIP named without weights would score with random ones: refused."""
+        self.check(not self.judge_model or bool(self.judge_checkpoint), "judge_checkpoint",
+                   f"judge_model = {self.judge_model!r} needs its weights (a local open_clip "
+                   "state-dict file); weights are never downloaded")
+        if self.judge_model:
+            from model.clip_encoder import check_model_name
+
+            try:
+                check_model_name(self.judge_model)
+            except ValueError as e:
+                self.check(False, "judge_model", str(e))

