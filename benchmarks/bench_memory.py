@@ -255,6 +255,8 @@ def main() -> None:
         for n in sizes:
             results.append(measure_size(work_dir, n, args.dim, args.queries))
             print_size(results[-1], args.queries)
+            if args.out:  # after every size: a long run stopped early keeps what it measured
+                Path(args.out).write_text(json.dumps(results, indent=2))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     a, b = results[0], results[-1]
@@ -265,8 +267,6 @@ def main() -> None:
     for r in results:
         two = sum(w["pss"] for w in r["retrieve x2"])
         print(f"  two retrieve workers' PSS / one's at {r['n']:,} docs: {two / r['retrieve']['pss']:.2f}x")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
