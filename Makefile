@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# taming's modules for the tokenizer tests, without its pytorch-lightning pin (pyproject: dev)
+	$(BIN)/python -m pip install -q --no-deps "taming-transformers-rom1504>=0.0.6"
 	# img2dataset pins the Python 3.6 `dataclasses` backport; in Prefect's server process
 	# (uvicorn --app-dir site-packages) it shadows the stdlib module and the server cannot start.
 	$(BIN)/python -m pip uninstall -y -q dataclasses || true

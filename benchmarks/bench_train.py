@@ -35,7 +35,7 @@ from pipelines.training.sequences import (
     collate,
     longest_unit,
 )
-from pipelines.training.train import CM3Module, lr_lambda, sequence_losses
+from pipelines.training.train import CM3Module, TrainConfig, lr_lambda, sequence_losses
 
 
 def synthetic_corpus(n_docs: int = 2000, caption: int = 8, image: int = 64, seed: int = 0) -> Corpus:
@@ -107,7 +107,9 @@ class StepTimer(L.Callback):
 
 def lightning_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str) -> float:
     torch.manual_seed(0)
-    module = CM3Module(model_cfg.to_dict(), train_cfg)
+    module = CM3Module(model_cfg, TrainConfig(lr=train_cfg["lr"], beta1=train_cfg["beta1"],
+                                              beta2=train_cfg["beta2"], warmup_steps=train_cfg["warmup_steps"],
+                                              max_steps=train_cfg["max_steps"], block_mask=train_cfg["block_mask"]))
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=len(batches), accelerator="gpu" if device == "cuda" else "cpu", devices=1,

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
 # subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
-PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli")
+PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli", "flows.export_cli")
 
 
 def plugin(name: str):

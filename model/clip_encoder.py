@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,31 +142,115 @@ def keep_indices(n: int, drop: float, seed: int) -> np.ndarray:
     return np.sort(perm[n_drop:])
 
 
+HUB_CONFIG = "open_clip_config.json"  # an open_clip hub folder: this + its weights file
+# The weights open_clip's hub folders ship, in the order open_clip itself prefers them.
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def checkpoint_form(path: str) -> str:
+    """`hub-folder`, `torchscript` (OpenAI's `ViT-L-14.pt`), `safetensors` or `state-dict`."""
+    if os.path.isdir(path):
+        weights = [w for w in HUB_WEIGHTS if os.path.isfile(os.path.join(path, w))]
+        if not os.path.isfile(os.path.join(path, HUB_CONFIG)) or not weights:
+            raise FileNotFoundError(f"CLIP checkpoint folder {path} needs {HUB_CONFIG} and one of "
+                                    f"{', '.join(HUB_WEIGHTS)} (an open_clip hub folder)")
+        if weights[0].endswith(".safetensors"):
+            check_safetensors(os.path.join(path, weights[0]))
+        return "hub-folder"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"CLIP checkpoint {path} not found: supply an open_clip hub folder, a .safetensors or "
+            f"state-dict file, or OpenAI's TorchScript .pt (paper preset: ViT-L-14; demo: run "
+            f"`racm3 run fit-clip` first), or point the config's `checkpoint` at it")
+    if path.endswith(".safetensors"):
+        check_safetensors(path)
+        return "safetensors"
+    return "torchscript" if is_torchscript(path) else "state-dict"
+
+
+def check_safetensors(path: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            for k in f.keys():  # reading each tensor finds a file cut short after its header
+                f.get_slice(k)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"CLIP checkpoint {path} is not a readable safetensors file "
+                         f"(truncated?): {e}") from e
+
+
+def is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip with compiled `code/`; a torch.save zip has none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n for n in z.namelist())
+
+
 def create_clip(model_name: str, checkpoint: str | None = None,
                 device: str = "cpu") -> tuple[Any, Any, Any, Any]:
-    """(model, train transform, eval transform, tokenizer); random init when no checkpoint."""
+    """(model, train transform, eval transform, tokenizer); random init when no checkpoint.
+
+    `checkpoint` is any form open_clip's models ship in (`checkpoint_form`); `model_name` names
+    the architecture and must agree with a hub folder's or TorchScript file's own."""
     check_model_name(model_name)
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(
-            f"CLIP checkpoint {checkpoint} not found: supply an open_clip state-dict file for model "
-            f"{model_name!r} (paper preset: the ViT-L-14 open_clip_pytorch_model.bin; demo: run "
-            f"`racm3 run fit-clip` first), or point the config's `checkpoint` at it"
-        )
+    form = checkpoint_form(checkpoint) if checkpoint is not None else "random"
+    try:
+        model, train_tf, eval_tf = LOADERS[form](model_name, checkpoint, device)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {checkpoint} does not fit model config {model_name!r}: {e}") from e
+    check_embed_dim(model, model_name, checkpoint)
+    crop = centre_crop(model_name)
+    if crop < 1.0:  # every path (fit, embed, queries, judges) preprocesses through these
+        train_tf, eval_tf = CentreCrop(crop, train_tf), CentreCrop(crop, eval_tf)
+    tok_name = f"local-dir:{checkpoint}" if form == "hub-folder" else model_name
+    return model, train_tf, eval_tf, open_clip.get_tokenizer(tok_name)
+
+
+def _registry_model(model_name: str, checkpoint: str | None, device: str) -> tuple[Any, Any, Any]:
     quiet = _DropRandomInit() if checkpoint is None else None  # random init is asked for here
     if quiet:
         logging.getLogger().addFilter(quiet)
     try:
-        model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            model_name, pretrained=checkpoint, device=device, weights_only=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {checkpoint} does not fit model config {model_name!r}: {e}") from e
+        return open_clip.create_model_and_transforms(model_name, pretrained=checkpoint, device=device,
+                                                     weights_only=True)
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
-    crop = centre_crop(model_name)
-    if crop < 1.0:  # every path (fit, embed, queries, judges) preprocesses through these
-        train_tf, eval_tf = CentreCrop(crop, train_tf), CentreCrop(crop, eval_tf)
-    return model, train_tf, eval_tf, open_clip.get_tokenizer(model_name)
+
+
+def _hub_folder(model_name: str, folder: str | None, device: str) -> tuple[Any, Any, Any]:
+    """open_clip's own offline reader of a hub folder (config + preprocessing + weights)."""
+    return open_clip.create_model_and_transforms(f"local-dir:{folder}", device=device, weights_only=True)
+
+
+def _torchscript(model_name: str, path: str | None, device: str) -> tuple[Any, Any, Any]:
+    """OpenAI's JIT archive, rebuilt as an eager model by open_clip's OpenAI builder (what
+    `open_clip.load_openai_model` does, without its download lookup)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import build_model_from_openai_state_dict
+
+    state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    state.pop("attn_mask", None)  # a causal-mask buffer some archives carry; open_clip builds its own
+    model = build_model_from_openai_state_dict(state, cast_dtype=None).float().to(device)  # (fp16 in the file)
+    side = model.visual.image_size
+    return model, *(open_clip.image_transform(side, is_train=t, mean=OPENAI_DATASET_MEAN,
+                                              std=OPENAI_DATASET_STD) for t in (True, False))
+
+
+LOADERS = {"random": _registry_model, "state-dict": _registry_model, "safetensors": _registry_model,
+           "hub-folder": _hub_folder, "torchscript": _torchscript}
+
+
+def check_embed_dim(model: Any, model_name: str, checkpoint: str | None) -> None:
+    """A folder or TorchScript file brings its own architecture: its width must be embed.model's."""
+    want = int(open_clip.get_model_config(model_name)["embed_dim"])
+    proj = getattr(model, "text_projection", None)
+    have = proj.shape[-1] if isinstance(proj, torch.Tensor) else None
+    if have is not None and have != want:
+        raise ValueError(f"CLIP checkpoint {checkpoint} has embedding width {have} but model config "
+                         f"{model_name!r} (embed.model) has {want}; name the checkpoint's architecture")
 
 
 class _DropRandomInit(logging.Filter):

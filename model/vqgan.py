@@ -1,4 +1,4 @@
-"""A VQGAN image tokenizer in plain PyTorch whose parameter names load taming-transformers checkpoints.
+"""The VQGAN network in plain PyTorch, in taming-transformers' parameter names (families: model.vq).
 
 Layout follows taming/modules/diffusionmodules/model.py (Encoder, Decoder) and
 taming/modules/vqvae/quantize.py (VectorQuantizer): `encoder.*`, `decoder.*`, `quant_conv.*`,
@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ class VQGANConfig:
     norm_groups: int = 32  # GroupNorm groups (taming hard-codes 32; tiny models need fewer)
     dropout: float = 0.0
     beta: float = 0.25  # commitment loss weight
+    l2_norm: bool = False  # codes are nearest by cosine: latents and codebook l2-normalised (LlamaGen)
 
     @property
     def factor(self) -> int:
@@ -49,7 +49,10 @@ class VQGANConfig:
         return self.resolution // self.factor
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if not self.l2_norm:  # left out at its default: fingerprints of earlier models stay the same
+            del d["l2_norm"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQGANConfig:
@@ -61,7 +64,7 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # f8, 8192 codes: 256x256 -> 32x32 = 1024 tokens, as CM3 / RA-CM3 use (paper §4.1).
     "paper": VQGANConfig(),
-    # Tiny f4: 32x32 -> 8x8 = 64 tokens with a coarse 64-code book (DEMO-CALIBRATION.md).
+    # Tiny f4: 32x32 -> 8x8 = 64 tokens with a coarse 64-code book (docs/demo-design.md).
     "demo": VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                         attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=64,
                         norm_groups=8),
@@ -215,26 +218,34 @@ class Decoder(nn.Module):
 class VectorQuantizer(nn.Module):
     """Nearest-codebook-vector quantizer with a straight-through gradient (taming's legacy VQ)."""
 
-    def __init__(self, n_embed: int, embed_dim: int, beta: float):
+    def __init__(self, n_embed: int, embed_dim: int, beta: float, l2_norm: bool = False):
         super().__init__()
-        self.n_embed, self.embed_dim, self.beta = n_embed, embed_dim, beta
+        self.n_embed, self.embed_dim, self.beta, self.l2_norm = n_embed, embed_dim, beta, l2_norm
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
+
+    def book(self) -> torch.Tensor:
+        e = self.embedding.weight  # (N, D)
+        return F.normalize(e, dim=-1) if self.l2_norm else e
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, H, W) int64 indices of the nearest codebook vectors."""
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (BHW, D)
-        e = self.embedding.weight  # (N, D)
+        if self.l2_norm:
+            flat = F.normalize(flat, dim=-1)
+        e = self.book()
         dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()
         return dist.argmin(1).view(b, h, w)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, H, W) indices -> (B, D, H, W) codebook vectors."""
-        return self.embedding(codes).permute(0, 3, 1, 2)
+        return F.embedding(codes, self.book()).permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         codes = self.codes(z)
+        if self.l2_norm:
+            z = F.normalize(z, dim=1)
         zq = self.lookup(codes)
         loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
         return z + (zq - z).detach(), loss, codes  # straight-through estimator
@@ -248,7 +259,7 @@ class VQGAN(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.beta, cfg.l2_norm)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
@@ -274,81 +285,10 @@ class VQGAN(nn.Module):
         return self.decode_latents(zq), qloss, codes
 
 
-class CheckpointError(ValueError):
-    """A VQGAN checkpoint that is missing, unreadable or disagrees with the config."""
-
-
-@dataclass(frozen=True)
-class Expect:
-    """What the config requires of a checkpoint; None means "whatever it has"."""
-
-    n_embed: int | None = None
-    factor: int | None = None
-    resolution: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def save_checkpoint(model: VQGAN, path: str) -> None:
     """Write `{"state_dict": ..., racm3_vqgan_config: ...}` (taming's key layout, loads weights-only)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, CONFIG_KEY: model.cfg.to_dict()}, path)
-
-
-def read_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise CheckpointError(f"VQGAN checkpoint {path} does not exist: run `racm3 run fit-vqgan` "
-                              "or set tokenize.checkpoint to a taming-transformers .ckpt file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as e:  # noqa: BLE001 - re-raised with what to do
-        raise CheckpointError(
-            f"could not load {path} weights-only ({type(e).__name__}: {e}); if you trust the "
-            "file, set tokenize.allow_pickle = true") from e
-
-
-def checkpoint_shape(state: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(codebook size, downsampling factor) of a taming state_dict."""
-    if "quantize.embedding.weight" not in state:
-        kind = "Gumbel" if "quantize.embed.weight" in state else "unknown"
-        raise CheckpointError(f"checkpoint has no `quantize.embedding.weight` ({kind} quantizer); "
-                              "only taming's VectorQuantizer VQGANs are supported")
-    # The decoder has num_res_blocks + 1 blocks on every level, so each level shows up in its keys
-    # (an encoder with num_res_blocks = 0 has no keys on its last level).
-    levels = {int(k.split(".")[2]) for k in state if k.startswith(("decoder.up.", "encoder.down."))}
-    return state["quantize.embedding.weight"].shape[0], 2 ** (max(levels, default=0))
-
-
-def load_checkpoint(path: str, cfg: VQGANConfig | None = None, expect: Expect = Expect(),
-                    allow_pickle: bool = False) -> VQGAN:
-    """Load a taming-layout checkpoint; refuse a codebook size, factor or resolution that disagrees.
-
-    The architecture comes from the checkpoint when it embeds one (ours do), else from `cfg`.
-    """
-    ckpt = read_checkpoint(path, allow_pickle)
-    state = ckpt.get("state_dict", ckpt)
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # GAN/LPIPS parts
-    if CONFIG_KEY in ckpt:
-        cfg = VQGANConfig.from_dict(ckpt[CONFIG_KEY])
-    if cfg is None:
-        raise CheckpointError(f"{path} does not say its architecture; name a preset for it")
-    n_embed, factor = checkpoint_shape(state)
-    _refuse_mismatch(path, n_embed, factor, cfg, expect)
-    model = VQGAN(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the VQGAN architecture: missing "
-                              f"{missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()
-
-
-def _refuse_mismatch(path: str, n_embed: int, factor: int, cfg: VQGANConfig, expect: Expect) -> None:
-    checks = [("codebook size", n_embed, expect.n_embed), ("codebook size", n_embed, cfg.n_embed),
-              ("downsampling factor", factor, expect.factor), ("downsampling factor", factor, cfg.factor),
-              ("resolution", cfg.resolution, expect.resolution)]
-    for what, have, want in checks:
-        if want is not None and have != want:
-            raise CheckpointError(f"{path} has {what} {have} but the config asks for {want}; "
-                                  "point the config at a matching checkpoint or change the config")
 
 
 def state_fingerprint(model: VQGAN) -> str:

@@ -3,7 +3,7 @@
 Several hundred named entities, each with its own look (a shape filled with a flag-like grid in
 its own palette), most of them rare (Zipf-like, a few documents each). The flag is centred and
 sized to the image's shorter side, so after img2dataset's centre crop it lands on the same token
-grid in every rendering: a retrieved rendering's tokens predict a new one's (DEMO-CALIBRATION.md).
+grid in every rendering: a retrieved rendering's tokens predict a new one's (docs/demo-design.md).
 Rows that each filter must drop and URLs that fail are mixed in. Two held-out splits in COCO
 captions format show the same entities in new renderings: `dev` (captions_dev.json) for every
 choice of preset values, and `test` (captions_test.json), reported and never used to choose
@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from pipelines.demo.backgrounds import BACKGROUNDS
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,6 @@ PALETTE = np.array([
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
     (255, 250, 200), (128, 0, 0), (170, 255, 195), (0, 0, 128),
 ], dtype=np.int16)
-BACKGROUNDS = {"grey": (128, 128, 128), "sand": (194, 178, 128), "slate": (90, 100, 110),
-               "olive": (110, 110, 70), "cream": (235, 230, 210), "charcoal": (50, 50, 55),
-               "sky": (160, 190, 215), "moss": (90, 120, 80)}
 SHAPES = ("square", "disc", "diamond", "cross")
 # Every caption names the entity AND its background: the background is the frequent, learnable
 # attribute (8 colours over thousands of documents); the entity's look is the rare knowledge.

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.evaluation import drive, guard, lineage, metrics, records, report
+from pipelines.evaluation import guard, metrics, models, per_image, records, report
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.fid import (
     FeatureExtractor,
@@ -30,6 +30,7 @@ from pipelines.evaluation.fid import (
     inception_extractor,
 )
 from pipelines.evaluation.split import batches
+from pipelines.inference.loader import Inference
 from storage.coco import CocoIndex, coco_ref, read_index
 from storage.fs import DataRoot
 from storage.manifest import read_manifest, upstream_ref
@@ -52,7 +53,7 @@ def part_range(shard_id: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def judge(root: DataRoot, setup: lineage.Setup, cfg: EvaluateConfig) -> FeatureExtractor:
+def judge(root: DataRoot, setup: Inference, cfg: EvaluateConfig) -> FeatureExtractor:
     """Inception-v3 (true FID) when its weights are given, else EfficientNet-Lite0 (ImageNet,
     plays no other role), or the retrieval CLIP only when asked for (`fid_features = "clip"`)."""
     if cfg.inception_weights:
@@ -73,7 +74,7 @@ class EvaluatePartStage(Stage):
     description = "one shard of evaluation images: sample, rerank, perplexities, judge features"
 
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
-        names = lineage.checkpoints(cfg).values()
+        names = models.checkpoints(cfg).values()
         inputs = [upstream_ref(root, "train", v) for v in names]
         inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
@@ -94,12 +95,12 @@ class EvaluatePartStage(Stage):
         key = (ctx.root.join(), json.dumps(cfg.params(), sort_keys=True, default=str))
         with cache["lock"]:
             if cache.get("key") != key:
-                loaded = lineage.load_setup(ctx.root, cfg)
+                loaded = models.load_models(ctx.root, cfg)
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
                 cache.update(key=key, setup=loaded,
                              judge=judge(ctx.root, loaded, cfg) if cfg.generate else None,
                              guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg))
-            setup: lineage.Setup = cache["setup"]
+            setup: Inference = cache["setup"]
             fx: FeatureExtractor | None = cache["judge"]
             grd: dict[str, Any] = cache["guard"]
         index = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
@@ -107,13 +108,13 @@ class EvaluatePartStage(Stage):
         examples, show, fig_dir = [], [], ctx.output_path("figures")
         ctx.root.makedirs(fig_dir)  # committed even when this shard shows no example
         for batch in batches(ctx.root, index, start, stop, cfg.batch_images):
-            for ex in drive.prepare(setup, batch, cfg, grd["excluded"]):
-                drive.run_example(setup, ex, cfg)
+            for ex in per_image.prepare(setup, batch, cfg, grd["excluded"]):
+                per_image.run_example(setup, ex, cfg)
                 if ex.item.position < cfg.show:
                     show.append(report.showcase(setup, ex, fig_dir, ctx.root))
                 examples.append(ex)
         counts = dict(index.counts) | {"usable_images": len(examples)}
-        part = records.Part([records.image_record(ex) for ex in examples],
+        part = records.ShardRecords([records.image_record(ex) for ex in examples],
                             records.features_of(examples, fx.extract) if fx else {}, counts,
                             grd["summary"], show, fx.metric if fx else "")
         records.write_part(ctx.root, ctx.output_path("json"), ctx.output_path("npz"), part)
@@ -166,7 +167,7 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                   "leakage_guard": part.guard, "retrieval_recall": metrics.retrieval_recall(root),
                   "settings": {"k": cfg.k, "image_samples": cfg.image_samples,
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
-                               "coco": cfg.coco, "checkpoints": lineage.checkpoints(cfg),
+                               "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
                                "random_context": cfg.random_context},
                   "_part": part}

@@ -72,8 +72,8 @@ def guarded_search(retriever: Retriever, vecs: np.ndarray, excluded: set[str], k
 
 def _guarded_chunk(retriever: Retriever, vecs: np.ndarray, excluded: set[str],
                    k: int) -> list[list[str]]:
-    index, cfg = retriever.index, retriever.cfg
-    n = min(cfg.top_n + len(excluded), index.cpu.ntotal)
+    index, rule = retriever.index, retriever.rule
+    n = min(rule.top_n + len(excluded), index.cpu.ntotal)
     scores, ids = index.search(vecs, n)
     valid = ids >= 0
     safe = np.where(valid, ids, 0)
@@ -81,5 +81,5 @@ def _guarded_chunk(retriever: Retriever, vecs: np.ndarray, excluded: set[str],
     cand = index.reconstruct(uniq)[inv.reshape(safe.shape)]  # (chunk, N, D)
     banned = valid & np.vectorize(excluded.__contains__, otypes=[bool])(index.keys[safe])
     sel = select_neighbors(scores, cand, valid, banned, np.zeros_like(valid), k,
-                           cfg.query_sim_threshold, cfg.redundancy_threshold)
+                           rule.query_sim_threshold, rule.redundancy_threshold)
     return [index.keys[ids[r, sel.kept[r][sel.kept[r] >= 0]]].tolist() for r in range(len(vecs))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from model.clip_encoder import decode_image
@@ -54,11 +53,3 @@ def read_split(root: DataRoot, coco: str, image_dir: str = "",
     out = list(items(root, index))
     index.counts["usable_images"] = len(out)
     return out, index.counts
-
-
-def at_size(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8, resized as `model.images.load_image` resizes the training images."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.array(image, dtype=np.uint8)

@@ -77,7 +77,7 @@ def memory_entity_hits(root: DataRoot, encoder: DocEncoder, split: CocoSplit,
 
     index = load_index(root)
     index.check_encoder(encoder.info.fingerprint, encoder.info.dim)
-    captions = memory_captions(root)
+    captions = download_captions(root)
     names = np.asarray([captions.get(k, "") for k in index.keys], dtype=object)
     imgs = [decode_image(b, encoder.image_side) for b in split.images]
     queries = {"text": encoder.encode_text([c[0] for c in split.captions]),
@@ -92,7 +92,7 @@ def memory_entity_hits(root: DataRoot, encoder: DocEncoder, split: CocoSplit,
     return out
 
 
-def memory_captions(root: DataRoot) -> dict[str, str]:
+def download_captions(root: DataRoot) -> dict[str, str]:
     """key -> caption over every download shard (demo scale only)."""
     from storage.manifest import list_manifests
     from storage.shards import read_table

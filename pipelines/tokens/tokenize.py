@@ -23,7 +23,7 @@ from model.text_tokenizer import OPENCLIP
 from model.vqgan import PRESETS, VQGAN, state_fingerprint
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.tokens.tokenizers import Tokenizers, load_tokenizers, load_vqgan
+from pipelines.tokens.tokenizers import Tokenizers, load_tokenizers, load_vqgan, vqgan_config_path
 from storage.fs import DataRoot, file_digest
 from storage.manifest import InputRef, list_manifests, read_manifest, upstream_ref
 from storage.schemas import BPE_SHARD, SUCCESS, VQGAN_SHARD
@@ -45,8 +45,9 @@ class TokenizeConfig(StageConfig):
     """Which VQGAN and text tokenizer, and what the checkpoint must agree with."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "threads"})
-    checkpoint: str = FITTED  # "" = fit-vqgan's checkpoint in this data root; else a taming .ckpt path
-    arch: str = "demo"  # VQGAN preset for checkpoints that do not embed their architecture (taming's)
+    checkpoint: str = FITTED  # "" = fit-vqgan's checkpoint in this data root; else a taming .ckpt / LlamaGen .pt
+    vqgan_config: str = ""  # taming yaml with the architecture ("" = <checkpoint>.yaml beside it, if any)
+    arch: str = "demo"  # VQGAN preset, only for checkpoints that say their architecture nowhere
     image_size: int = 32  # the 256x256 download JPEG is resized to this side before encoding
     factor: int = 4  # expected downsampling factor; a checkpoint with another is refused
     codebook_size: int = 64  # expected codebook size; a checkpoint with another is refused
@@ -120,6 +121,8 @@ class TokenizeStage(Stage):
     def plan(self, root: DataRoot, cfg: TokenizeConfig) -> list[ShardSpec]:
         ids = sorted(m.shard_id for m in list_manifests(root, "download"))
         models = self.model_inputs(root, cfg) if ids else ()
+        if ids:
+            load_vqgan(root, cfg)  # a bad checkpoint or yaml stops here (exit 2), before any shard
         return [ShardSpec(self.name, sid, (upstream_ref(root, "download", sid), *models)) for sid in ids]
 
     def model_inputs(self, root: DataRoot, cfg: TokenizeConfig) -> tuple[InputRef, ...]:
@@ -131,6 +134,9 @@ class TokenizeStage(Stage):
             elif spec != OPENCLIP:  # open_clip's vocabulary is pinned by the package version
                 refs.append(external_ref(spec, "tokenize.checkpoint" if shard == VQGAN_SHARD
                                          else "tokenize.text_tokenizer"))
+        yaml_path = vqgan_config_path(cfg)
+        if yaml_path:  # a changed architecture file re-tokenizes too
+            refs.append(external_ref(yaml_path, "tokenize.vqgan_config"))
         return tuple(refs)
 
     def load(self, cfg: TokenizeConfig) -> WorkerModels:

@@ -13,7 +13,11 @@ import torch
 
 from model.document import Vocab
 from model.text_tokenizer import TextTokenizer, load_text_tokenizer
-from model.vqgan import PRESETS, VQGAN, Expect, load_checkpoint, state_fingerprint
+from model.vq.checks import CheckpointError, Expect
+from model.vq.registry import load
+from model.vq.taming import beside
+from model.vqgan import PRESETS, VQGAN, state_fingerprint
+from pipelines.core.config import ConfigError
 from storage.fs import DataRoot
 from storage.schemas import BPE_SHARD, BPE_SUFFIX, VQGAN_SHARD, VQGAN_SUFFIX
 
@@ -42,12 +46,21 @@ def text_tokenizer_spec(root: DataRoot, cfg: Any) -> str:
 
 
 
+def vqgan_config_path(cfg: Any) -> str | None:
+    """The architecture yaml: tokenize.vqgan_config, else `<checkpoint>.yaml` beside a local checkpoint."""
+    return cfg.vqgan_config or (beside(cfg.checkpoint) if cfg.checkpoint else None)
+
+
 def load_vqgan(root: DataRoot, cfg: Any) -> VQGAN:
-    """The configured VQGAN; a codebook size, factor or resolution other than the config's is refused."""
-    expect = Expect(n_embed=cfg.codebook_size, factor=cfg.factor,
-                    resolution=None if cfg.checkpoint else cfg.image_size)
+    """The configured tokenizer (any family in model.vq.registry); the architecture comes from the
+    checkpoint's own config, tokenize.arch only as a fallback. A codebook size, factor or
+    resolution other than the config's is refused naming the field (ConfigError: exit 2)."""
+    expect = Expect(n_embed=cfg.codebook_size, factor=cfg.factor, resolution=cfg.image_size)
     path = cfg.checkpoint or root.local_copy(checkpoint_path(root, cfg))  # the fitted one may be remote
-    return load_checkpoint(path, PRESETS[cfg.arch], expect, cfg.allow_pickle)
+    try:
+        return load(path, cfg.vqgan_config or None, PRESETS[cfg.arch], expect, cfg.allow_pickle)
+    except CheckpointError as e:
+        raise ConfigError(f"tokenize.{e.field}", str(e)) from e
 
 
 

@@ -8,10 +8,9 @@ mixed lineage (another codebook, another index) before any training starts.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.document import EOS, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
+from model.cm3.format import mask_spans
+from model.document import IMG_SRC, PAD, Vocab, sequence_positions
 
 # Lineage helpers live in a torch-free module; re-exported here, where callers import them from.
 from pipelines.training.lineage import (  # noqa: F401
@@ -32,6 +32,7 @@ from pipelines.training.lineage import (  # noqa: F401
     same_lineage,
     shard_lineage,
 )
+from pipelines.training.token_store import is_held_out
 from storage.fs import DataRoot
 from storage.manifest import list_manifests
 from storage.shards import read_table
@@ -43,7 +44,8 @@ ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequ
 
 @dataclass(frozen=True)
 class AssemblyConfig:
-    """How sequences are built; `pipelines.training.train.TrainConfig` carries these fields."""
+    """How sequences are built: the [train] section's data-assembly fields (`TrainConfig`
+    inherits them, so each is declared, defaulted and documented here only)."""
 
     seq_len: int = 512  # tokens per packed sequence
     k_max: int = 2  # K ~ Uniform{0..k_max} retrieved documents per main document; 0 = vanilla CM3
@@ -119,14 +121,6 @@ class DocSource(Protocol):
     def longest(self) -> int: ...
 
 
-def is_held_out(key: str, fraction: float) -> bool:
-    """A stable pseudo-random split by key: the same keys are held out in every run."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
 @dataclass
 class Unit:
     """One example (m1..mK, x) as flat per-token arrays, all of the same length."""
@@ -199,20 +193,6 @@ def draw_spans(rng: np.random.Generator, n: int, max_spans: int,
     longest = max(1, int(n * max_span_frac))
     ends = np.append(starts[1:], n)
     return [(int(s), int(min(s + rng.integers(1, longest + 1), e))) for s, e in zip(starts, ends, strict=True)]
-
-
-def mask_spans(doc: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab) -> np.ndarray:
-    """CM3 infilling form of one document (spans index the document without its leading
-    `<img alt="` and trailing <eos>): spans become <mask:i>, and `<infill> <mask:0> span0 ...
-    <eos>` follows, so the model learns to fill them in from both sides (§3.1)."""
-    body = doc[1:-1]  # spans never touch the document's first token or its <eos>
-    kept, tail, last = [doc[:1]], [np.array([INFILL])], 0
-    for i, (s, e) in enumerate(spans):
-        kept += [body[last:s], np.array([vocab.mask(i)])]
-        tail += [np.array([vocab.mask(i)]), body[s:e]]
-        last = e
-    kept.append(body[last:])
-    return np.concatenate(kept + tail + [np.array([EOS])]).astype(doc.dtype)
 
 
 def maybe_drop_caption(rng: np.random.Generator, doc: np.ndarray, cfg: AssemblyConfig) -> np.ndarray:
@@ -321,15 +301,6 @@ class Packer:
         if not buf:  # a unit longer than seq_len: fit_unit prevents it, refuse loudly otherwise
             raise ValueError(f"unit of {len(self.pool[0])} tokens exceeds seq_len {self.seq_len}")
         return finish(buf, self.seq_len, self.counts)
-
-
-def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
-         lookahead: int = 16) -> Iterator[dict[str, Any]]:
-    """Pack an iterable of units (see `Packer`)."""
-    it = iter(units)
-    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
-    while (seq := packer.next()) is not None:
-        yield seq
 
 
 def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
@@ -454,12 +425,6 @@ def stream_position() -> tuple[int, int, int, int]:
     if dist.is_available() and dist.is_initialized():
         return worker, n_workers, dist.get_rank(), dist.get_world_size()
     return worker, n_workers, 0, 1
-
-
-def shard_of_stream() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x loader workers."""
-    worker, n_workers, rank, world = stream_position()
-    return rank * n_workers + worker, world * n_workers
 
 
 def modality_table(vocab: Vocab) -> np.ndarray:

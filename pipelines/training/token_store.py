@@ -66,9 +66,14 @@ def neighbour_part_id(shard_id: str) -> str:
 
 
 def key_hash(keys: list[str]) -> np.ndarray:
-    """uint64 of sha1(key)[:8]: `hash / 2**64 < fraction` is sequences.is_held_out exactly."""
+    """uint64 of sha1(key)[:8]: a key is held out when `hash / 2**64 < fraction` (`is_held_out`)."""
     return np.array([int.from_bytes(hashlib.sha1(k.encode()).digest()[:8], "big") for k in keys],
                     dtype=np.uint64)
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """The stable held-out split by key: the same keys are held out in every run."""
+    return fraction > 0 and int(key_hash([key])[0]) / 2**64 < fraction
 
 
 def fixed_width(keys: list[str]) -> np.ndarray:

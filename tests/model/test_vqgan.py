@@ -3,17 +3,9 @@
 import pytest
 import torch
 
-from model.vqgan import (
-    VQGAN,
-    AttnBlock,
-    CheckpointError,
-    Expect,
-    VQGANConfig,
-    checkpoint_shape,
-    load_checkpoint,
-    save_checkpoint,
-    state_fingerprint,
-)
+from model.vq.checks import CheckpointError, Expect
+from model.vq.registry import load, tensor_shape
+from model.vqgan import VQGAN, AttnBlock, VQGANConfig, save_checkpoint, state_fingerprint
 
 TINY = VQGANConfig(resolution=16, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                    z_channels=16, embed_dim=4, n_embed=32, norm_groups=4)
@@ -60,7 +52,7 @@ def test_taming_checkpoint_gives_identical_codes(model, images, tmp_path):
     state["loss.discriminator.main.0.weight"] = torch.zeros(2, 2)  # taming ships these; ignored
     path = tmp_path / "taming.ckpt"
     torch.save({"state_dict": state, "global_step": 7}, path)
-    loaded = load_checkpoint(str(path), TINY, Expect(n_embed=32, factor=4))
+    loaded = load(str(path), fallback=TINY, expect=Expect(n_embed=32, factor=4))
     assert torch.equal(loaded.encode(images), model.encode(images))
     assert state_fingerprint(loaded) == state_fingerprint(model)
 
@@ -68,7 +60,7 @@ def test_taming_checkpoint_gives_identical_codes(model, images, tmp_path):
 def test_own_checkpoint_embeds_architecture(model, images, tmp_path):
     path = str(tmp_path / "own.ckpt")
     save_checkpoint(model, path)
-    loaded = load_checkpoint(path)  # no config needed: it is in the file
+    loaded = load(path)  # no config needed: it is in the file
     assert loaded.cfg == TINY
     assert torch.equal(loaded.decode(model.encode(images)), model.decode(model.encode(images)))
 
@@ -76,25 +68,25 @@ def test_own_checkpoint_embeds_architecture(model, images, tmp_path):
 def test_refuses_mismatched_codebook_and_factor(model, tmp_path):
     path = str(tmp_path / "own.ckpt")
     save_checkpoint(model, path)
-    with pytest.raises(CheckpointError, match="codebook size 32 but the config asks for 64"):
-        load_checkpoint(path, expect=Expect(n_embed=64))
-    with pytest.raises(CheckpointError, match="downsampling factor 4 but the config asks for 8"):
-        load_checkpoint(path, expect=Expect(factor=8))
+    with pytest.raises(CheckpointError, match="codebook size 32 but tokenize.codebook_size = 64"):
+        load(path, expect=Expect(n_embed=64))
+    with pytest.raises(CheckpointError, match="downsampling factor 4 but tokenize.factor = 8"):
+        load(path, expect=Expect(factor=8))
     taming = str(tmp_path / "taming.ckpt")
     torch.save({"state_dict": model.state_dict()}, taming)
     other = VQGANConfig(**{**TINY.to_dict(), "ch_mult": (1, 2, 2, 2)})
     with pytest.raises(CheckpointError, match="downsampling factor"):
-        load_checkpoint(taming, other)
+        load(taming, fallback=other)
 
 
 def test_missing_and_gumbel_checkpoints_say_what_to_do(model, tmp_path):
     with pytest.raises(CheckpointError, match="nope.ckpt does not exist"):
-        load_checkpoint(str(tmp_path / "nope.ckpt"), TINY)
+        load(str(tmp_path / "nope.ckpt"), fallback=TINY)
     state = {k.replace("quantize.embedding", "quantize.embed"): v for k, v in model.state_dict().items()}
     path = str(tmp_path / "gumbel.ckpt")
     torch.save({"state_dict": state}, path)
     with pytest.raises(CheckpointError, match="Gumbel"):
-        load_checkpoint(path, TINY)
+        load(path, fallback=TINY)
 
 
 def test_attention_matches_taming_formula():
@@ -121,8 +113,8 @@ def test_factor_of_model_without_level_blocks(tmp_path):
     cfg = VQGANConfig(resolution=16, ch=8, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(),
                       z_channels=8, embed_dim=4, n_embed=16, norm_groups=4)
     m = VQGAN(cfg)
-    assert checkpoint_shape(m.state_dict()) == (16, 4)
+    assert tensor_shape(m.state_dict(), "rb0") == {"n_embed": 16, "factor": 4}
     path = str(tmp_path / "rb0.ckpt")
     save_checkpoint(m, path)
-    assert load_checkpoint(path, expect=Expect(n_embed=16, factor=4)).encode(torch.zeros(1, 3, 16, 16)).shape \
+    assert load(path, expect=Expect(n_embed=16, factor=4)).encode(torch.zeros(1, 3, 16, 16)).shape \
         == (1, 4, 4)

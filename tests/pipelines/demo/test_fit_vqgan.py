@@ -8,7 +8,8 @@ import torch
 
 from model.images import to_tensor
 from model.text_tokenizer import BPETokenizer
-from model.vqgan import VQGAN, load_checkpoint
+from model.vq.registry import load as load_checkpoint
+from model.vqgan import VQGAN
 from pipelines.core.runconfig import BeamConfig, RunConfig
 from pipelines.core.runner import run_stage
 from pipelines.demo.fit_vqgan import (

@@ -101,7 +101,8 @@ def test_sharded_flat_gives_the_neighbours_of_one_flat_index(tmp_path):
         ta = read_table(one, one.artifact("retrieve", sid, "parquet"))
         tb = read_table(three, three.artifact("retrieve", sid, "parquet"))
         assert ta.equals(tb), sid
-        assert sum(r["skipped_duplicate"] + r["skipped_redundant"] for r in ta.to_pylist()) >= 0
+        # the redundancy rule really ran (and skipped the same candidates in both set-ups)
+        assert sum(r["skipped_redundant"] for r in ta.to_pylist()) > 0, sid
 
 
 def test_retrieve_batches_do_not_change_rows(tmp_path):

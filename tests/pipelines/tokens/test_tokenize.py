@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from model.document import Vocab
+from pipelines.core.config import ConfigError
 from pipelines.core.runconfig import BeamConfig, RunConfig
 from pipelines.core.runner import run_stage
 from pipelines.core.stage import ShardSpec, execute_shard
@@ -85,9 +86,11 @@ def test_rerun_skips_and_new_weights_retokenize(root):
 
 
 def test_mismatched_codebook_is_refused(root):
-    report = run_stage("tokenize", root, cfgs(dataclasses.replace(TOK, codebook_size=32)), force=True)
-    assert set(report.failed) == {"00000", "00001"}
-    assert "codebook size 16 but the config asks for 32" in report.failed["00000"]
+    """Refused when the stage is planned, before any shard is touched (the CLI exits 2)."""
+    before = read_manifest(root, "tokenize", "00000")
+    with pytest.raises(ConfigError, match=r"tokenize\.codebook_size.*codebook size 16"):
+        run_stage("tokenize", root, cfgs(dataclasses.replace(TOK, codebook_size=32)), force=True)
+    assert read_manifest(root, "tokenize", "00000") == before
 
 
 def test_mixed_token_shards_are_refused(root):
@@ -120,3 +123,25 @@ def test_missing_checkpoint_names_the_file(tmp_path):
     cfg = dataclasses.replace(TOK, checkpoint=str(tmp_path / "weights" / "vqgan.ckpt"))
     with pytest.raises(FileNotFoundError, match="vqgan.ckpt"):
         run_stage("tokenize", root, cfgs(cfg))
+
+
+@pytest.mark.parametrize("bad", ["disagree", "unknown_family"])
+def test_cli_refuses_bad_tokenizer_before_writing(tmp_path, capsys, bad):
+    """`racm3 run tokenize` with a yaml that disagrees with its tensors, or names an unknown
+    family: exit 2, the field named, no token shard written."""
+    from flows.cli import main
+    from storage.manifest import list_manifests
+    from tests.model.vq_taming import ddconfig, random_taming, save_taming
+
+    root = DataRoot(str(tmp_path / "root"))
+    make_download_shard(root, "00000", n=3, size=32)
+    dd = ddconfig(32, [1, 2], [])
+    kw = {"yaml_n_embed": 32} if bad == "disagree" else {"target": "ldm.models.autoencoder.AutoencoderKL"}
+    ckpt = save_taming(random_taming(dd, 16, 4), dd, 16, 4, tmp_path / "vq.ckpt", **kw)
+    rc = main(["run", "tokenize", "--local", "--data-root", root.uri, "--set",
+               f"tokenize.checkpoint={ckpt}", "--set", "tokenize.text_tokenizer=openclip"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tokenize.vqgan_config" in err and ("model.params.n_embed" in err if bad == "disagree"
+                                               else "model.target" in err)
+    assert not list_manifests(root, "tokenize") and not root.exists(root.artifact("tokenize", "00000", "parquet"))

@@ -7,6 +7,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
+from model.cm3.format import mask_spans
 from model.document import EOS, IMG_OPEN, IMG_SRC, INFILL, Vocab, positions
 from pipelines.training.sequences import (
     ROLE_MAIN,
@@ -15,14 +16,13 @@ from pipelines.training.sequences import (
     AssemblyConfig,
     Corpus,
     LineageError,
+    Packer,
     SequenceStream,
     assemble,
     collate,
     draw_spans,
     draw_unit,
     load_corpus,
-    mask_spans,
-    pack,
 )
 from storage.fs import DataRoot
 from tests.pipelines.training.corpus_factory import (
@@ -30,6 +30,14 @@ from tests.pipelines.training.corpus_factory import (
     make_neighbour_shard,
     make_token_shard,
 )
+
+
+def pack(units, seq_len: int, counts: Counter, lookahead: int = 16):
+    """Every sequence `Packer` makes from a list of units."""
+    it = iter(units)
+    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
+    while (seq := packer.next()) is not None:
+        yield seq
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from pipelines.core.stage import execute_shard, shard_states
 from pipelines.training.pack import PackConfig, PackStage
-from pipelines.training.sequences import LineageError, is_held_out, load_corpus
-from pipelines.training.token_store import open_store
+from pipelines.training.sequences import LineageError, load_corpus
+from pipelines.training.token_store import is_held_out, open_store
 from pipelines.training.train import TrainConfig, TrainStage
 from storage.fs import DataRoot
 from storage.manifest import read_manifest

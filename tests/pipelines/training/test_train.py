@@ -12,7 +12,8 @@ from model.transformer import Transformer, TransformerConfig
 from pipelines.core.runconfig import RunConfig
 from pipelines.core.runner import run_stage
 from pipelines.core.stage import execute_shard
-from pipelines.evaluation.perplexity import HeldOutExample, compare_variants, heldout_perplexity
+from pipelines.evaluation.perplexity import compare_variants
+from pipelines.inference.scoring import HeldOutExample, heldout_perplexity
 from pipelines.training.checkpoints import load_trained
 from pipelines.training.sequences import (
     ROLE_MAIN,
