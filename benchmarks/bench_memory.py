@@ -155,7 +155,7 @@ def work(root: DataRoot, mode: str, queries: int) -> tuple[Any, float]:
     memory's own); returns (what must stay alive while measured, seconds of the queries)."""
     from pipelines.retrieval.faiss_index import load_index
     from pipelines.retrieval.retrieve import Queries, RetrieveConfig, rows_for
-    from pipelines.retrieval.search import Retriever
+    from pipelines.retrieval.search import Retriever, SearchRule
 
     if mode == "old":
         return old_loader(root), 0.0
@@ -170,7 +170,7 @@ def work(root: DataRoot, mode: str, queries: int) -> tuple[Any, float]:
         rows_for(index, qs, keys, sha, cfg)
     else:
         r = Retriever.__new__(Retriever)
-        r.cfg, r.index = cfg, index
+        r.rule, r.index = SearchRule.of(cfg), index
         for s in range(0, len(q), 256):
             r._select(q[s:s + 256], None, None)
     return index, time.perf_counter() - t0
