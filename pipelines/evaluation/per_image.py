@@ -52,8 +52,9 @@ def entity_docs(setup: Inference) -> EntityDocs:
     """The memory's documents by entity (built once per set-up, shared by its copies)."""
     if "entity_docs" not in setup.shared:
         index = setup.retriever.index
-        setup.shared["entity_docs"] = EntityDocs(setup.captions, dict(zip(index.keys.tolist(),
-                                                                          index.sha256.tolist(), strict=True)))
+        n = len(index.keys)
+        setup.shared["entity_docs"] = EntityDocs(setup.all_captions(), dict(zip(
+            index.keys[np.arange(n)].tolist(), index.sha256[np.arange(n)].tolist(), strict=True)))
     return setup.shared["entity_docs"]
 
 

@@ -102,7 +102,7 @@ def read_entity_split(root: DataRoot, coco: str) -> Split:
 def memory_by_entity(bench: Inference, names: set[str]) -> dict[str, list[str]]:
     """Entity name -> memory keys whose caption names it (as a whole word), sorted."""
     out: dict[str, list[str]] = {}
-    for key, cap in sorted(bench.captions.items()):
+    for key, cap in sorted(bench.all_captions().items()):
         for word in set(re.findall(r"[a-z]+", cap.lower())) & names:
             if key in bench.memory:
                 out.setdefault(word, []).append(key)

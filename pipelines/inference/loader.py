@@ -84,11 +84,21 @@ class Inference:
         return self.shared["retriever"]
 
     @property
-    def captions(self) -> dict[str, str]:
-        """Memory key -> caption text (pages, demonstrations, the retrieval baseline)."""
+    def captions(self) -> Mapping[str, str]:
+        """Memory key -> caption text (pages, the report, the retrieval baseline): read from the
+        index's mapped memory store, one caption per lookup, never the whole memory."""
         if "captions" not in self.shared:
-            self.shared["captions"] = memory_captions(self.memory_at)
+            store = self.retriever.index.store
+            self.shared["captions"] = (store.caption_map() if store is not None
+                                       else memory_captions(self.memory_at))
         return self.shared["captions"]
+
+    def all_captions(self) -> dict[str, str]:
+        """Every memory caption as a dict: demo-scale tools that scan the memory by entity
+        (the oracle control, few-shot classification), never evaluation's hot path."""
+        if "all_captions" not in self.shared:
+            self.shared["all_captions"] = memory_captions(self.memory_at)
+        return self.shared["all_captions"]
 
     def use(self, role: str) -> Inference:
         """The same set-up prompting another loaded model (retriever and captions shared)."""
