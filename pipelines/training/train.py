@@ -432,7 +432,17 @@ class TrainStage(Stage):
             raise SystemExit(0)  # commits the model and the manifest, the others just stop
         return ShardResult(rows_in=sum(res.counts[f"k{k}"] for k in range(cfg.k_max + 1)),
                            rows_out=res.steps, dropped=dropped(res.counts),
-                           metrics=run_metrics(res, ctx.root, workdir, cfg.uses_neighbours))
+                           metrics={**run_metrics(res, ctx.root, workdir, cfg.uses_neighbours),
+                                    "decontaminated_by_split": decontaminated(ctx.root)})
+
+
+def decontaminated(root: DataRoot) -> dict[str, int]:
+    """Documents kept out of training because they copy an evaluation set, per set (tokenize)."""
+    out: dict[str, int] = {}
+    for m in list_manifests(root, "tokenize"):
+        for split, n in m.metrics.get("decontaminated_by_split", {}).items():
+            out[split] = out.get(split, 0) + int(n)
+    return out
 
 
 def check_packed(root: DataRoot, stage: str, prefix: str) -> None:
