@@ -39,9 +39,14 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant(FINAL, "Table 5", "Retrieve at train & infer (final)", (227, 13)),
     Variant("rand-train-rand-infer", "Table 5", "Random at train & infer", (246, 23),
-            train={"random_neighbours": True}, evaluate={"random_context": True}),
+            train={"random_neighbours": True}, evaluate={"context": "random"}),
     Variant("retr-train-rand-infer", "Table 5", "Retrieve at train, random at infer", (246, 24),
-            evaluate={"random_context": True}),
+            evaluate={"context": "random"}),
+    # Not in the paper (only a generator that knows the truth can do it): memory documents of
+    # the query's own entity (never its own document) in context, the ceiling of what this
+    # generator gets from retrieval; beside it the retrieved (final) and random rows.
+    Variant("oracle-infer", "Controls", "Retrieve at train, oracle (same entity) at infer", None,
+            evaluate={"context": "oracle"}),
     Variant("rand-train-retr-infer", "Table 5", "Random at train, retrieve at infer", (243, 18),
             ra="rand-train-rand-infer"),  # the same training as the row above: reuse its checkpoint
     Variant("text-only-docs", "Table 5", "Only text in context (inference)", (234, 15),
