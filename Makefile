@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 # The ephemeral Prefect server's default 20 s start-up budget fails on a loaded laptop.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench bench-full bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ lint: install
 	$(BIN)/python -m tests.pipelines.core.test_imports  # no import cycles, no stage -> stage
 	$(BIN)/mypy
 
-bench: install
-	$(BIN)/python benchmarks/run_all.py
+bench: install  # every benchmark at small sizes, ratios printed at the end (minutes)
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/run_all.py
+
+bench-full: install  # the issue's sizes (the demo alone takes 10-15 minutes)
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/run_all.py --full
+
+bench-gpu: install  # one CUDA device, a few minutes; exits 0 with a message without one
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) data bench-out

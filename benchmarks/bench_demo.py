@@ -7,6 +7,7 @@ wall time of `racm3 demo` is orchestration. Takes ~10-15 minutes on 2 cores."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from storage.fs import DataRoot
-from storage.manifest import list_manifests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+
+from storage.fs import DataRoot  # noqa: E402
+from storage.manifest import list_manifests  # noqa: E402
 
 
 def main() -> None:
@@ -23,11 +26,17 @@ def main() -> None:
     ap.add_argument("--until", help="stop after this stage (a shorter benchmark)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        cmd = [str(Path(sys.executable).parent / "racm3"), "demo", "--data-root", d]
+        # this checkout's CLI (the installed `racm3` script may import another copy)
+        cmd = [sys.executable, "-m", "flows.cli", "demo", "--data-root", d]
         if args.until:
             cmd += ["--until", args.until]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True)
+        if proc.returncode:  # say why, not just that it failed
+            print(proc.stdout[-3000:], file=sys.stderr)
+            raise SystemExit(f"bench_demo: `{' '.join(cmd)}` exited {proc.returncode}")
         wall = time.perf_counter() - t0
         work: dict[str, float] = defaultdict(float)
         for m in list_manifests(DataRoot(d)):

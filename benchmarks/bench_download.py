@@ -13,8 +13,12 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.download_shards import make_download_shard  # noqa: E402
 from model.clip_encoder import create_clip  # noqa: E402
 from pipelines.core.runconfig import BeamConfig, RunConfig  # noqa: E402
 from pipelines.core.runner import run_stage  # noqa: E402
@@ -29,7 +30,6 @@ from pipelines.retrieval.embed import EmbedConfig  # noqa: E402
 from storage.fs import DataRoot  # noqa: E402
 from storage.manifest import read_manifest  # noqa: E402
 from storage.shards import read_table  # noqa: E402
-from tests.factories import make_download_shard  # noqa: E402
 
 
 @torch.no_grad()

@@ -7,16 +7,20 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from pipelines.core.registry import load_config
-from pipelines.core.runner import run_stage
-from storage.fs import DataRoot
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipelines.core.registry import load_config  # noqa: E402
+from pipelines.core.runner import run_stage  # noqa: E402
+from storage.fs import DataRoot  # noqa: E402
 
 
 def synthetic_metadata(path: str, n: int, seed: int = 0) -> None:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from model.vqgan import VQGAN
-from pipelines.demo.fit_vqgan import FitVQGANConfig, VQGANModule, fit, patch_centres
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from model.vqgan import VQGAN  # noqa: E402
+from pipelines.demo.fit_vqgan import FitVQGANConfig, VQGANModule, fit, patch_centres  # noqa: E402
 
 
 def plain_steps(cfg: FitVQGANConfig, images: np.ndarray, centres: torch.Tensor, steps: int) -> float:

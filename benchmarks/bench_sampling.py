@@ -21,16 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model.cm3.format import text_to_image_prompt  # noqa: E402
 from model.document import Vocab  # noqa: E402
 from model.sampling import guide, pick, sample  # noqa: E402
 from model.transformer import Transformer, preset  # noqa: E402
-from pipelines.evaluation.generate import (  # noqa: E402
-    Sampling,
-    generate_captions,
-    generate_images,
-    text_to_image_prompt,
-)
 from pipelines.generation.guidance import Guidance, guided_images  # noqa: E402
+from pipelines.inference.sampling import Sampling, generate_captions, generate_images  # noqa: E402
 
 
 @torch.no_grad()

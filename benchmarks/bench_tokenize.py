@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
 
-from model.images import load_image, to_tensor
-from model.text_tokenizer import train_bpe
-from model.vqgan import VQGAN, save_checkpoint
-from pipelines.core.runconfig import BeamConfig, RunConfig
-from pipelines.core.runner import run_stage
-from pipelines.demo.fit_vqgan import FitVQGANConfig
-from pipelines.tokens.tokenize import TokenizeConfig
-from pipelines.tokens.tokenizers import load_tokenizers
-from storage.fs import DataRoot
-from storage.shards import read_table
-from tests.factories import make_download_shard
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.download_shards import make_download_shard  # noqa: E402
+from model.images import load_image, to_tensor  # noqa: E402
+from model.text_tokenizer import train_bpe  # noqa: E402
+from model.vqgan import VQGAN, save_checkpoint  # noqa: E402
+from pipelines.core.runconfig import BeamConfig, RunConfig  # noqa: E402
+from pipelines.core.runner import run_stage  # noqa: E402
+from pipelines.demo.fit_vqgan import FitVQGANConfig  # noqa: E402
+from pipelines.tokens.tokenize import TokenizeConfig  # noqa: E402
+from pipelines.tokens.tokenizers import load_tokenizers  # noqa: E402
+from storage.fs import DataRoot  # noqa: E402
+from storage.shards import read_table  # noqa: E402
 
 
 def plain_loop(root: DataRoot, cfg: TokenizeConfig) -> float:

@@ -5,8 +5,10 @@ sequences/s vs what a training step consumes.
     python benchmarks/bench_train.py [--steps 20] [--batch-size 16] [--model demo] [--device cpu]
 
 Prints tokens/s of each loop (alternating runs, median): Lightning / plain (both with the block
-mask, as training runs; goal >= 0.9x), masked / unmasked plain (the mask's cost), peak memory,
-and sequences/s assembled (retrieval prepending + masking + packing) vs consumed.
+mask, as training runs; goal >= 0.9x), bf16 autocast / fp32 (goal >= 1.5x) with MFU against the
+fp32 and bf16 matmul peaks measured in the same process, loss curves of bf16 vs fp32 beside the
+seed noise (fp32 seed 1 vs seed 0), torch.compile with --compile, masked / unmasked plain (the
+mask's cost), peak memory, and sequences/s assembled vs consumed.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run as a script
 
+from benchmarks.dict_source import DictSource as Corpus
 from model.document import Vocab
 from model.transformer import Transformer, preset
 from pipelines.training.sequences import (
     AssemblyConfig,
-    Corpus,
     SequenceStream,
     collate,
     longest_unit,
 )
-from pipelines.training.train import CM3Module, lr_lambda, sequence_losses
+from pipelines.training.train import CM3Module, TrainConfig, lr_lambda, sequence_losses
 
 
 def synthetic_corpus(n_docs: int = 2000, caption: int = 8, image: int = 64, seed: int = 0) -> Corpus:
@@ -59,17 +61,21 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def autocast(device: str):
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(device: str, bf16: bool | None = None):
+    """bf16 autocast on CUDA by default; on CPU only when asked (AVX-512 bf16 / AMX)."""
+    if bf16 is None:
+        bf16 = device == "cuda"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
 
 def plain_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str,
-               block_mask: bool = True) -> float:
-    """Seconds for the optimizer steps of a hand-written loop (after one warm-up step)."""
-    torch.manual_seed(0)
+               block_mask: bool = True, bf16: bool | None = None, compile: bool = False,
+               losses: list[float] | None = None, seed: int = 0) -> float:
+    """Seconds for the optimizer steps of a hand-written loop (after one warm-up step);
+    appends each step's loss to `losses`."""
+    torch.manual_seed(seed)
     model = Transformer(model_cfg).to(device)
+    fwd = torch.compile(sequence_losses) if compile else sequence_losses
     opt = torch.optim.Adam(model.parameters(), lr=train_cfg["lr"], betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train_cfg["warmup_steps"],
                                                              train_cfg["max_steps"]))
@@ -78,8 +84,10 @@ def plain_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str,
         if i == 1:
             sync(device)
             t0 = time.perf_counter()
-        with autocast(device):
-            loss = sequence_losses(model, to_device(batch, device), block_mask)["loss"]
+        with autocast(device, bf16):
+            loss = fwd(model, to_device(batch, device), block_mask)["loss"]
+        if losses is not None:
+            losses.append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -105,18 +113,45 @@ class StepTimer(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def lightning_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str) -> float:
+def lightning_loop(model_cfg, train_cfg: dict, batches: list[dict], device: str,
+                   precision: str = "") -> float:
     torch.manual_seed(0)
-    module = CM3Module(model_cfg.to_dict(), train_cfg)
+    module = CM3Module(model_cfg, TrainConfig(lr=train_cfg["lr"], beta1=train_cfg["beta1"],
+                                              beta2=train_cfg["beta2"], warmup_steps=train_cfg["warmup_steps"],
+                                              max_steps=train_cfg["max_steps"], block_mask=train_cfg["block_mask"]))
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=len(batches), accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-        precision="bf16-mixed" if device == "cuda" else "32-true", gradient_clip_val=1.0,
+        precision=precision or ("bf16-mixed" if device == "cuda" else "32-true"),
+        gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], limit_val_batches=0,
         num_sanity_val_steps=0)
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return timer.t1 - timer.t0
+
+
+def flops_per_token(model_cfg, seq_len: int, params: int) -> float:
+    """Training FLOPs per token: 6 per parameter plus attention scores (PaLM appendix B)."""
+    return 6 * params + 12 * model_cfg.n_layer * seq_len * model_cfg.d_model
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n x n matmuls at this process's thread setting."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def curve_diff(a: list[float], b: list[float]) -> float:
+    return statistics.fmean(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def sync(device: str) -> None:
@@ -148,6 +183,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="also torch.compile runs (compiling takes minutes on 2 loaded cores)")
     args = p.parse_args()
     logging.getLogger("lightning").setLevel(logging.WARNING)
     if args.threads:
@@ -163,21 +200,48 @@ def main() -> None:
     print(f"model {args.model} ({Transformer(model_cfg).num_params() / 1e6:.2f}M params), "
           f"device {args.device}, threads {torch.get_num_threads()}, seq_len {seq_len}, "
           f"batch {args.batch_size}, {args.steps} timed steps x {args.repeats} alternating runs")
-    plain, light, unmasked = [], [], []
-    for _ in range(args.repeats):
-        plain.append(tokens / plain_loop(model_cfg, train_cfg, batches, args.device))
-        light.append(tokens / lightning_loop(model_cfg, train_cfg, batches, args.device))
-        unmasked.append(tokens / plain_loop(model_cfg, train_cfg, batches, args.device, False))
-    p_med, l_med, u_med = (statistics.median(x) for x in (plain, light, unmasked))
-
-    def runs(xs: list[float]) -> str:
-        return ", ".join(f"{x:.0f}" for x in xs)
-
-    print(f"plain loop, block mask   : {p_med:10.0f} tokens/s  (runs: {runs(plain)})")
-    print(f"Lightning, block mask    : {l_med:10.0f} tokens/s  (runs: {runs(light)})")
-    print(f"plain loop, no mask (old): {u_med:10.0f} tokens/s  (runs: {runs(unmasked)})")
+    flops = flops_per_token(model_cfg, seq_len, Transformer(model_cfg).num_params())
+    peak32, peak16 = matmul_peak(torch.float32, args.device), matmul_peak(torch.bfloat16, args.device)
+    print(f"matmul peak (2048^2, this process): fp32 {peak32 / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak16 / 1e9:.0f} GFLOP/s; model {flops / 1e6:.2f} MFLOP/token (6N + 12LTd)")
+    names = ["plain fp32", "plain bf16", "Lightning 32-true", "Lightning bf16-mixed",
+             "plain fp32 no mask"] + (["plain fp32 compile", "plain bf16 compile"]
+                                      if args.compile else [])
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    curves: dict[str, list[float]] = {}
+    for r in range(args.repeats):
+        for name in names:
+            losses: list[float] = []
+            if name.startswith("Lightning"):
+                secs = lightning_loop(model_cfg, train_cfg, batches, args.device, name.split()[1])
+            else:
+                secs = plain_loop(model_cfg, train_cfg, batches, args.device, "no mask" not in name,
+                                  "bf16" in name, "compile" in name, losses)
+            rates[name].append(tokens / secs)
+            print(f"  run {r}: {name:<22} {tokens / secs:10.0f} tokens/s", flush=True)
+            if r == 0 and losses:
+                curves[name] = losses
+    seed1: list[float] = []
+    plain_loop(model_cfg, train_cfg, batches, args.device, losses=seed1, seed=1)
+    med = {n: statistics.median(x) for n, x in rates.items()}
+    for name in names:
+        peak = peak16 if "bf16" in name else peak32
+        print(f"{name:<22}: {med[name]:10.0f} tokens/s  {med[name] / med['plain fp32']:.2f}x fp32  "
+              f"MFU {med[name] * flops / peak32:.1%} of fp32 peak, {med[name] * flops / peak16:.1%} "
+              f"of bf16 peak{' (its own)' if peak is peak16 else ''}  "
+              f"(runs: {', '.join(f'{x:.0f}' for x in rates[name])})")
+    p_med, l_med = med["plain fp32"], med["Lightning 32-true"]
     print(f"ratio Lightning / plain: {l_med / p_med:.3f}x  (goal >= 0.9x)")
-    print(f"ratio block mask / no mask (plain loop): {p_med / u_med:.3f}x  (the mask's cost)")
+    print(f"ratio bf16 / fp32 (plain loop): {med['plain bf16'] / p_med:.2f}x, Lightning "
+          f"bf16-mixed / 32-true: {med['Lightning bf16-mixed'] / l_med:.2f}x  (goal >= 1.5x)")
+    print(f"ratio block mask / no mask (plain loop): {p_med / med['plain fp32 no mask']:.3f}x  "
+          f"(the mask's cost)")
+    ref = curves["plain fp32"]
+    for name, c in curves.items():
+        if name != "plain fp32":
+            print(f"loss curve {name} vs plain fp32: mean |diff| {curve_diff(c, ref):.4f} "
+                  f"(seed noise, fp32 seed 1 vs 0: {curve_diff(seed1, ref):.4f}; last loss "
+                  f"{c[-1]:.3f} vs {ref[-1]:.3f})")
     print(f"peak memory: {peak_memory_mb(args.device):.0f} MiB "
           f"({'CUDA allocated' if args.device == 'cuda' else 'process RSS'})")
     rate = loader_rate(corpus, asm, max(5, args.steps), args.batch_size)

@@ -42,10 +42,10 @@ def build_root(work: Path) -> Any:
     """The tiny trained data root (what tests/pipelines/evaluation/test_evaluate.py trains)."""
     import torch
 
+    from benchmarks.download_shards import make_download_shard
     from pipelines.core.runner import run_stage
     from pipelines.training.train import TrainConfig
     from storage.fs import DataRoot
-    from tests.factories import make_download_shard
     from tests.pipelines.evaluation.test_evaluate import FIT, TOK, TRAIN
     from tests.pipelines.retrieval.retrieval_helpers import configs, write_checkpoint
 

@@ -107,13 +107,14 @@ def child_loader(root_uri: str, store: bool) -> dict[str, Any]:
     (store=True) or from the shards read into dicts (the old path)."""
     import torch  # noqa: F401  (a training process has torch loaded: part of its baseline RSS)
 
-    from pipelines.training.sequences import AssemblyConfig, SequenceStream, collate, load_corpus
+    from benchmarks.dict_source import load_dict_source
+    from pipelines.training.sequences import AssemblyConfig, SequenceStream, collate
     from pipelines.training.token_store import open_store
     from storage.fs import DataRoot
 
     root = DataRoot(root_uri)
     t0 = time.perf_counter()
-    corpus = open_store(root, True) if store else load_corpus(root, True)
+    corpus = open_store(root, True) if store else load_dict_source(root)
     load_s = time.perf_counter() - t0
     n = corpus.n_items()
     stream = SequenceStream(corpus, AssemblyConfig(seq_len=3 * corpus.longest() + 3), seed=0)

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--out", help="PNG path (default <key>.png)")
 
+    p = sub.add_parser("deployments", help="prefect.yaml from the stage registry: print it, "
+                       "--write it, or --check it (exit 1 if it differs)")
+    p.add_argument("--write", action="store_true", help="rewrite prefect.yaml")
+    p.add_argument("--check", action="store_true", help="exit 1 if prefect.yaml differs")
+
     p = sub.add_parser("recall", help="retrieval recall@1/3/5 on the held-out split (Table 4)")
     data_root_arg(p)
     for name in PLUGINS:
@@ -83,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
 # subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
-PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli", "flows.export_cli")
+PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli", "flows.export_cli",
+                            "flows.search_cli", "flows.novel_cli")
 
 
 def plugin(name: str):
@@ -186,9 +192,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"download.retry_statuses={list(TRANSIENT)!r}".replace("'", '"'))
     cfgs = load_config(args.preset, args.config_file, overrides)
     if args.local:
-        from pipelines.core.driver import InProcess, drive
+        from pipelines.core.runner import run_stage
 
-        report = drive(stage, DataRoot(args.data_root), cfgs, InProcess(), force=args.force)
+        report = run_stage(stage.name, DataRoot(args.data_root), cfgs, force=args.force)
     else:
         from flows.stages import run_stage_flow
 
@@ -364,6 +370,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deployments(args: argparse.Namespace) -> int:
+    from flows.deployments import PATH, render
+
+    text = render()
+    if args.check:
+        same = PATH.exists() and PATH.read_text() == text
+        if not same:
+            print(f"racm3: {PATH} differs from the registry: run `racm3 deployments --write`",
+                  file=sys.stderr)
+        return 0 if same else EXIT_FAILED
+    if args.write:
+        PATH.write_text(text)
+        print(f"wrote {PATH}")
+        return 0
+    print(text, end="")
+    return 0
+
+
 def cmd_recall(args: argparse.Namespace) -> int:
     from pipelines.retrieval.recall import show_retrieval_eval
     from storage.fs import DataRoot
@@ -374,7 +398,8 @@ def cmd_recall(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "verify": cmd_verify,
             "inspect": cmd_inspect,
-            "lineage": cmd_lineage, "decode": cmd_decode, "recall": cmd_recall}
+            "lineage": cmd_lineage, "decode": cmd_decode, "recall": cmd_recall,
+            "deployments": cmd_deployments}
 
 if __name__ == "__main__":
     sys.exit(main())

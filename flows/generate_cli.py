@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="caption -> image from K documents as an ensemble of 2-document passes")
     p.add_argument("--out", default="generated", help="output folder")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="retrieval at inference: retrieve.<field> (default: the retrieve stage's "
+                   "values) or embed.model (must be the index's)")
+    p.add_argument("--memory", default="", metavar="ROOT",
+                   help="retrieve from another data root's memory (its index, key map and token "
+                   "shards; made with this root's CLIP, VQGAN and BPE)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("classify", help="one/few-shot classification accuracy vs k, RA-CM3 vs "
@@ -79,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   max_caption_tokens=args.max_caption_tokens,
                   min_caption_tokens=args.min_caption_tokens, guidance_caption=args.guidance,
                   guidance_documents=args.doc_guidance, ensemble=args.ensemble, out=args.out,
-                  device=args.device)
+                  device=args.device, sets=tuple(args.sets),
+                  memory=DataRoot(args.memory).uri if args.memory else "")
     try:
         rec = generate(DataRoot(args.data_root), req)
     except (ValueError, KeyError) as e:

@@ -15,22 +15,11 @@ from prefect.states import Failed, State
 
 from flows.stages import build_config, run_stage_flow
 from pipelines.core.config import ConfigError
-from pipelines.core.registry import STAGES
+from pipelines.core.registry import RUNS, STAGES, plan, section_of
 from pipelines.core.report import StageReport
 from storage.fs import DataRoot
 
 log = logging.getLogger("racm3")
-
-# (stage, fields replaced in its config section) in pipeline order; train runs once per variant.
-# Stages not registered yet are left out.
-PLAN: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("demo", {}), ("filter", {}), ("download", {}), ("fit-clip", {}), ("fit-vqgan", {}),
-    ("embed", {}), ("decontaminate", {}), ("tokenize", {}), ("index", {}), ("retrieval-eval", {}), ("retrieve", {}),
-    ("pack", {}),
-    ("train", {"variant": "ra-cm3"}), ("train", {"variant": "vanilla"}),
-    ("evaluate-part", {}), ("evaluate", {}),
-)
-
 
 @dataclass(frozen=True)
 class Step:
@@ -42,23 +31,23 @@ class Step:
 
 
 def steps(cfgs: dict[str, Any], until: str | None = None, include_demo: bool = True) -> list[Step]:
-    """The plan up to and including `until`, skipping stages that are not registered."""
-    names = [s for s, _ in PLAN]
-    if until is not None and until not in names:
-        raise ConfigError("--until", f"unknown stage {until!r}; stages: {', '.join(dict.fromkeys(names))}")
+    """The registry's plan (`registry.plan()`: every stage in order, train once per variant) up to
+    and including `until`."""
+    if until is not None and until not in STAGES:
+        raise ConfigError("--until", f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     out = []
-    for stage, fields in PLAN:
-        if stage in STAGES and (include_demo or stage != "demo"):
+    for stage, fields in plan():
+        if include_demo or stage != "demo":
             out.append(make_step(cfgs, stage, fields))
-        if stage == until:
+        if stage == until and fields == RUNS.get(stage, ({},))[-1]:
             break
     return out
 
 
 def make_step(cfgs: dict[str, Any], stage: str, fields: dict[str, Any]) -> Step:
-    section = stage.replace("-", "_")
     if not fields:
         return Step(stage, stage, cfgs)
+    section = section_of(stage)
     label = f"{stage} ({', '.join(str(v) for v in fields.values())})"
     return Step(stage, label, {**cfgs, section: dataclasses.replace(cfgs[section], **fields)})
 

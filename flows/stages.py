@@ -3,18 +3,18 @@ shards as Prefect tasks, publish counts, failures, progress and assets; Failed i
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
-from prefect import flow, task
+from prefect import Flow, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipelines.core.attempt import ShardTimeout, attempt
-from pipelines.core.driver import Job, ManifestWatch, OnResult, drive
+from pipelines.core.driver import Job, OnResult, RunShard, drive
 from pipelines.core.progress import Snapshot
 from pipelines.core.registry import STAGES, config_from_dict, get_stage, load_config
 from pipelines.core.report import StageReport
@@ -23,63 +23,37 @@ from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
 
 log = logging.getLogger("racm3")
-RETRY_DELAY_S = 1
 
 
-def _shard_run_name() -> str:
-    from prefect.runtime import task_run
-
-    p = task_run.parameters
-    stage = p["stage"] if isinstance(p["stage"], str) else p["stage"].name
-    return f"{stage}/{p['spec'].shard_id}"
+class ShardFailed(Exception):
+    """A shard that failed under the run policy (its retries spent): the task run is Failed."""
 
 
-@task(cache_policy=NO_CACHE, task_run_name=_shard_run_name)
-def shard_task(stage: Stage | str, root: DataRoot, cfg: Any, spec: ShardSpec,
-               resources: Any = None, timeout_s: float = 0.0, owner: str | None = None) -> Manifest:
-    """One shard under the shard contract and its deadline; Prefect retries it (`run.retries`)."""
-    st = get_stage(stage) if isinstance(stage, str) else stage
-    return attempt(st, root, cfg, spec, resources, timeout_s, owner)
-
-
-def _retry_unless_timeout(task: Any, task_run: Any, state: State) -> bool:
-    return not isinstance(state.data, ShardTimeout)  # a slow shard stays slow: fail it once
-
-
-@task(cache_policy=NO_CACHE, task_run_name="{job.stage.name}/beam")
-def beam_task(job: Job, specs: list[ShardSpec]) -> dict[str, str]:
-    """A Beam stage's pending shards as one Beam pipeline (the runner decides where they run)."""
-    from pipelines.core.beam import run_on_beam
-
-    return run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
+@task(cache_policy=NO_CACHE, task_run_name="{stage}/{spec.shard_id}")
+def shard_task(stage: str, spec: ShardSpec, run_shard: RunShard) -> Manifest:
+    """One shard under the one run policy (`run_shard` retries it; Prefect does not)."""
+    m, err = run_shard(spec)
+    if m is None:
+        raise ShardFailed(err or "failed")
+    return m
 
 
 class PrefectTasks:
-    """The driver's executor inside a flow run: one task per shard on a thread pool of
-    `run.shard_concurrency` workers, or the Beam pipeline as one task."""
+    """The driver's executor inside a flow run: one Prefect task per shard on a thread pool of
+    `run.shard_concurrency` workers."""
 
-    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
-        if job.stage.engine == "beam":
-            with ManifestWatch(job, specs, on_result) as watch:
-                failures = beam_task(job, specs)
-            watch.finish(failures)
-            return
-        resources = job.stage.load(job.cfg)
-        one = shard_task.with_options(retries=job.run.retries, retry_delay_seconds=RETRY_DELAY_S,
-                                      retry_condition_fn=_retry_unless_timeout)
+    def map(self, job: Job, run_shard: RunShard, specs: list[ShardSpec],
+            on_result: OnResult) -> None:
         runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=job.run.shard_concurrency)
         with runner:
-            futures: dict[Any, ShardSpec] = {runner.submit(one, {"stage": job.stage, "root": job.root, "cfg": job.cfg,
-                                           "spec": spec, "resources": resources,
-                                           "timeout_s": job.run.shard_timeout_s,
-                                           "owner": job.owner}): spec
-                       for spec in specs}
+            futures = {runner.submit(shard_task, {"stage": job.stage.name, "spec": spec,
+                                                  "run_shard": run_shard}): spec for spec in specs}
             for fut in as_completed(list(futures)):
-                spec = futures[fut]
                 try:
-                    on_result(spec, fut.result(), None)
+                    on_result(futures[fut], fut.result(), None)
                 except Exception as e:  # noqa: BLE001 - reported in the summary, the rest goes on
-                    on_result(spec, None, f"{type(e).__name__}: {e}")
+                    on_result(futures[fut], None, str(e) if isinstance(e, ShardFailed)
+                              else f"{type(e).__name__}: {e}")
 
 
 class ProgressArtifact:
@@ -185,17 +159,37 @@ def run_in_flow(stage: Stage, root: DataRoot, cfgs: dict[str, Any],
     return report.to_dict()
 
 
-def _make_flow(stage_name: str):
-    flow_name = "racm3-demo-data" if stage_name == "demo" else f"racm3-{stage_name}"
+def flow_name(stage_name: str) -> str:
+    return f"racm3-{stage_name}"
 
-    @flow(name=flow_name)
-    def stage_flow(data_root: str = "data", preset: str = "demo", config_file: str | None = None,
-                   overrides: list[str] | None = None, force: bool = False,
-                   config: dict | None = None) -> dict | State:
+
+def entrypoint_name(stage_name: str) -> str:
+    """The module attribute prefect.yaml's entrypoint names: `<name>_stage_flow`, "-" spelt "_"."""
+    return stage_name.replace("-", "_") + "_stage_flow"
+
+
+@functools.cache
+def stage_flow(stage_name: str) -> Flow:
+    """The Prefect flow `racm3-<name>` of a registered stage, built on first use."""
+    get_stage(stage_name)  # an unknown stage is a ConfigError naming the stages
+
+    @flow(name=flow_name(stage_name))
+    def run_one_stage(data_root: str = "data", preset: str = "demo", config_file: str | None = None,
+                      overrides: list[str] | None = None, force: bool = False,
+                      config: dict | None = None) -> dict | State:
         cfgs = build_config(config, preset, config_file, overrides)
         return run_in_flow(get_stage(stage_name), DataRoot(data_root), cfgs, force)
 
-    return stage_flow
+    return run_one_stage
+
+
+def __getattr__(attr: str) -> Flow:
+    """`flows.stages.<name>_stage_flow` for every registered stage (prefect.yaml's entrypoints),
+    so registering a stage needs no edit here."""
+    for name in STAGES:
+        if entrypoint_name(name) == attr:
+            return stage_flow(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def report_of(state: State) -> StageReport:
@@ -211,26 +205,7 @@ def run_stage_flow(stage_name: str, data_root: str, cfgs: dict[str, Any],
     """Run a stage's flow with an already built config (what the CLI and end-to-end flows do)."""
     from pipelines.core.registry import config_to_dict
 
-    state = STAGE_FLOWS[stage_name](data_root=data_root, config=config_to_dict(cfgs),
+    state = stage_flow(stage_name)(data_root=data_root, config=config_to_dict(cfgs),
                                     force=force, return_state=True)
     return report_of(state)
 
-
-STAGE_FLOWS = {name: _make_flow(name) for name in STAGES}
-
-# Module-level names for prefect.yaml entrypoints (flows/stages.py:filter_flow): every registered
-# stage gets `<name with "-" -> "_">_flow`, so registering a stage needs no edit here.
-globals().update({f"{name.replace('-', '_')}_flow": f for name, f in STAGE_FLOWS.items()})
-demo_data_flow = STAGE_FLOWS["demo"]
-filter_flow = STAGE_FLOWS["filter"]
-download_flow = STAGE_FLOWS["download"]
-fit_clip_flow = STAGE_FLOWS["fit-clip"]
-fit_vqgan_flow = STAGE_FLOWS["fit-vqgan"]
-embed_flow = STAGE_FLOWS["embed"]
-tokenize_flow = STAGE_FLOWS["tokenize"]
-index_flow = STAGE_FLOWS["index"]
-retrieval_eval_flow = STAGE_FLOWS["retrieval-eval"]
-retrieve_flow = STAGE_FLOWS["retrieve"]
-pack_flow = STAGE_FLOWS["pack"]
-train_flow = STAGE_FLOWS["train"]
-evaluate_flow = STAGE_FLOWS["evaluate"]

@@ -36,7 +36,7 @@ class TransformerConfig:
         return asdict(self)
 
 
-# Presets are data: `demo` trains on 2 CPU cores in minutes (~1M parameters, DEMO-CALIBRATION.md);
+# Presets are data: `demo` trains on 2 CPU cores in minutes (~1M parameters, docs/demo-design.md);
 # `paper` is the 2.7B decoder of RA-CM3 §4.1 (OPT-2.7B shape) with sequence length 4096.
 PRESETS: dict[str, TransformerConfig] = {
     "demo": TransformerConfig(n_layer=4, n_head=4, d_model=128, max_seq_len=1024),

@@ -64,7 +64,7 @@ class VQGANConfig:
 PRESETS: dict[str, VQGANConfig] = {
     # f8, 8192 codes: 256x256 -> 32x32 = 1024 tokens, as CM3 / RA-CM3 use (paper §4.1).
     "paper": VQGANConfig(),
-    # Tiny f4: 32x32 -> 8x8 = 64 tokens with a coarse 64-code book (DEMO-CALIBRATION.md).
+    # Tiny f4: 32x32 -> 8x8 = 64 tokens with a coarse 64-code book (docs/demo-design.md).
     "demo": VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                         attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=64,
                         norm_groups=8),

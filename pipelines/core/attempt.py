@@ -1,7 +1,7 @@
 """One shard under the run policy: a per-shard deadline (`run.shard_timeout_s`) and retries.
 
-Every executor (in-process threads, Prefect tasks, Beam DoFns) calls `attempt` or
-`run_with_retries`, so the policy is the same on every path.
+Every executor (in-process threads, Prefect tasks, Beam DoFns) calls `run_with_retries`, so the
+policy (retries, their delay, the deadline) is the same on every path.
 
 Why a thread and not a subprocess for the deadline: a shard shares the per-worker resources its
 stage loaded once (a CLIP model, a FAISS index), which a subprocess would have to load again or
@@ -21,8 +21,10 @@ import contextvars
 import ctypes
 import logging
 import threading
+import time
 from typing import Any
 
+from pipelines.core.runconfig import RunConfig
 from pipelines.core.stage import ShardCancelled, ShardSpec, Stage, execute_shard
 from storage.fs import DataRoot
 from storage.manifest import Manifest
@@ -73,17 +75,20 @@ def _raise_in(t: threading.Thread, exc: type[BaseException]) -> None:
 
 
 def run_with_retries(stage: Stage, root: DataRoot, cfg: Any, spec: ShardSpec, resources: Any,
-                     retries: int, timeout_s: float = 0.0,
-                     owner: str | None = None) -> tuple[Manifest | None, str | None]:
-    """(manifest, None) on success, (None, error) once `retries` extra attempts are spent."""
-    for n in range(retries + 1):
+                     run: RunConfig, owner: str | None = None) -> tuple[Manifest | None, str | None]:
+    """The one retry policy: (manifest, None) on success, (None, error) once `run.retries` extra
+    attempts are spent. Waits `run.retry_delay_s` before the first retry, doubling each time."""
+    err = ""
+    for n in range(run.retries + 1):
+        if n:
+            time.sleep(run.retry_delay_s * 2 ** (n - 1))
         try:
-            return attempt(stage, root, cfg, spec, resources, timeout_s, owner), None
+            return attempt(stage, root, cfg, spec, resources, run.shard_timeout_s, owner), None
         except ShardTimeout as e:
             log.warning("%s", e)
             return None, f"ShardTimeout: {e}"
         except Exception as e:  # noqa: BLE001 - one broken shard never stops the others
             log.warning("%s/%s attempt %d/%d failed: %s", stage.name, spec.shard_id, n + 1,
-                        retries + 1, e)
+                        run.retries + 1, e)
             err = f"{type(e).__name__}: {e}"
     return None, err

@@ -22,30 +22,55 @@ class ShardDoFn(beam.DoFn):
     Holds only names and config, so it pickles to any runner's workers.
     """
 
-    def __init__(self, stage: Stage, root_uri: str, cfg: Any, run: RunConfig, owner: str):
+    def __init__(self, stage: Stage, root_uri: str, cfg: Any, run: RunConfig, owner: str,
+                 runner: str = ""):
         self.stage_ref = type(stage)
         self.root_uri, self.cfg, self.run, self.owner = root_uri, cfg, run, owner
+        self.runner = runner  # how the shards ran, recorded in each manifest's metrics
 
     def setup(self) -> None:
         self.stage = self.stage_ref()
+        if self.runner:
+            self.stage.run_shard = self._recorded(self.stage.run_shard)  # type: ignore[method-assign]
         self.root = DataRoot(self.root_uri, owner=self.owner)  # temps carry the lease holder's id
         self.resources = self.stage.load(self.cfg)  # once per worker, as DoFn.setup promises
 
+    def _recorded(self, run_shard: Any) -> Any:
+        def run(ctx: Any, resources: Any) -> Any:
+            result = run_shard(ctx, resources)
+            result.metrics.setdefault("runner", self.runner)
+            return result
+        return run
+
     def process(self, spec: ShardSpec):
-        m, err = run_with_retries(self.stage, self.root, self.cfg, spec, self.resources,
-                                  self.run.retries, self.run.shard_timeout_s, self.owner)
+        m, err = run_with_retries(self.stage, self.root, self.cfg, spec, self.resources, self.run,
+                                  self.owner)
         if m is not None:
             log.info("%s/%s done: %d rows", self.stage.name, m.shard_id, m.rows_out)
         yield (spec.shard_id, err or "")
 
 
-def pipeline_options(bcfg: BeamConfig) -> PipelineOptions:
+def direct_workers(bcfg: BeamConfig, shards: int | None = None) -> tuple[int, str]:
+    """(workers, running mode) of the DirectRunner: never more workers than shards, and one
+    worker runs in this process (a worker process gains nothing for one shard and costs its
+    start-up: ~15 s on 2 loaded cores)."""
+    workers = max(1, min(bcfg.direct_num_workers, shards or bcfg.direct_num_workers))
+    return workers, bcfg.direct_running_mode if workers > 1 else "in_memory"
+
+
+def runner_label(bcfg: BeamConfig, shards: int | None = None) -> str:
+    """What a manifest records as its `runner` metric, e.g. `DirectRunner/in_memory x1`."""
+    if bcfg.runner != "DirectRunner":
+        return bcfg.runner
+    workers, mode = direct_workers(bcfg, shards)
+    return f"DirectRunner/{mode} x{workers}"
+
+
+def pipeline_options(bcfg: BeamConfig, shards: int | None = None) -> PipelineOptions:
     args = [f"--runner={bcfg.runner}"]
     if bcfg.runner == "DirectRunner":
-        args.append(f"--direct_num_workers={bcfg.direct_num_workers}")
-        # one worker gains nothing from a subprocess and would pay its start-up
-        mode = bcfg.direct_running_mode if bcfg.direct_num_workers > 1 else "in_memory"
-        args.append(f"--direct_running_mode={mode}")
+        workers, mode = direct_workers(bcfg, shards)
+        args += [f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"]
     return PipelineOptions([*args, *bcfg.options])  # the user's options come last and win
 
 
@@ -57,14 +82,19 @@ def run_on_beam(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
     for spec in specs:  # error files of an earlier killed run are not this run's
         if root.exists(_failure_path(root, stage.name, spec.shard_id)):
             root.fs.rm(_failure_path(root, stage.name, spec.shard_id))
-    opts = pipeline_options(bcfg)
+    opts = pipeline_options(bcfg, len(specs))
+    if any(o.startswith(("--runner", "--direct_")) for o in bcfg.options):
+        label = ""  # the user's options decide; not known here
+    else:
+        label = runner_label(bcfg, len(specs))
+    log.info("%s: %d shards on %s", stage.name, len(specs), label or "the runner in beam.options")
     with beam.Pipeline(options=opts) as p:
         results = (
             p
             | f"{stage.name}:shards" >> beam.Create(specs)
             | f"{stage.name}:spread" >> beam.Reshuffle()
             | f"{stage.name}:execute" >> beam.ParDo(
-                ShardDoFn(stage, root.uri, cfg, run or RunConfig(), owner or root.owner))
+                ShardDoFn(stage, root.uri, cfg, run or RunConfig(), owner or root.owner, label))
         )
         errors = results | f"{stage.name}:errors" >> beam.Filter(lambda kv: bool(kv[1]))
         # Errors come back through the data root so no driver state is needed on any runner.

@@ -1,9 +1,10 @@
 """The one stage driver: take the stage's lease, clean dead writers' temps, plan the pending
-shards and run them on an executor (in-process threads, Prefect tasks, Beam), with progress.
+shards, and run them (a Beam stage as one Beam pipeline, any other stage's shards mapped by an
+executor: in-process threads or Prefect tasks), with progress.
 
-`racm3 run --local`, every Prefect stage flow, the end-to-end flows and the benchmarks all call
-`drive`; only the executor differs, and every executor applies the same run policy
-(`run.retries`, `run.shard_concurrency`, `run.shard_timeout_s`, see pipelines/core/attempt.py).
+`drive` owns every choice; an executor only maps `run_shard` over the specs, and `run_shard` is the
+one run policy (`run.retries`, `run.retry_delay_s`, `run.shard_timeout_s`, see attempt.py). In code,
+run a stage with `pipelines.core.runner.run_stage(name, root, cfgs)`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ log = logging.getLogger("racm3")
 
 # (spec, manifest on success, error on failure); executors may call it from any thread.
 OnResult = Callable[[ShardSpec, Manifest | None, str | None], None]
+# One shard under the run policy: (manifest, None) or (None, error); never raises.
+RunShard = Callable[[ShardSpec], tuple[Manifest | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -44,43 +47,45 @@ class Job:
 
 
 class Executor(Protocol):
-    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None: ...
+    """Maps `run_shard` over `specs` (at most `run.shard_concurrency` at once), reporting each."""
+
+    def map(self, job: Job, run_shard: RunShard, specs: list[ShardSpec],
+            on_result: OnResult) -> None: ...
 
 
 class InProcess:
-    """Shards on `run.shard_concurrency` threads of this process; a Beam stage on its runner."""
+    """Shards on `run.shard_concurrency` threads of this process."""
 
-    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
-        if job.stage.engine == "beam":
-            return BeamRunner().run(job, specs, on_result)
-        resources = job.stage.load(job.cfg)
-
-        def one(spec: ShardSpec) -> tuple[Manifest | None, str | None]:
-            return run_with_retries(job.stage, job.root, job.cfg, spec, resources, job.run.retries,
-                                    job.run.shard_timeout_s, job.owner)
-
+    def map(self, job: Job, run_shard: RunShard, specs: list[ShardSpec],
+            on_result: OnResult) -> None:
         workers = min(job.run.shard_concurrency, len(specs))
         if workers <= 1:
             for spec in specs:
-                on_result(spec, *one(spec))
-            return None
+                on_result(spec, *run_shard(spec))
+            return
         with ThreadPoolExecutor(workers, thread_name_prefix=f"racm3-{job.stage.name}") as pool:
-            futures = {pool.submit(one, spec): spec for spec in specs}
+            futures = {pool.submit(run_shard, spec): spec for spec in specs}
             for fut in as_completed(futures):
                 on_result(futures[fut], *fut.result())
-        return None
 
 
-class BeamRunner:
-    """A Beam stage's pending shards as one Beam pipeline on `beam.runner`."""
+def shard_runner(job: Job) -> RunShard:
+    """`run_shard` for a local-engine stage: its resources loaded once, the one retry policy."""
+    resources = job.stage.load(job.cfg)
 
-    def run(self, job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
-        from pipelines.core.beam import run_on_beam
+    def run_shard(spec: ShardSpec) -> tuple[Manifest | None, str | None]:
+        return run_with_retries(job.stage, job.root, job.cfg, spec, resources, job.run, job.owner)
 
-        with ManifestWatch(job, specs, on_result) as watch:
-            failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run,
-                                   job.owner)
-        watch.finish(failures)
+    return run_shard
+
+
+def run_beam(job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
+    """A Beam stage's pending shards as one Beam pipeline on `beam.runner` (same policy per shard)."""
+    from pipelines.core.beam import run_on_beam
+
+    with ManifestWatch(job, specs, on_result) as watch:
+        failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
+    watch.finish(failures)
 
 
 class ManifestWatch:
@@ -141,7 +146,8 @@ def pending(stage: Stage, root: DataRoot, cfg: Any, force: bool) -> tuple[list[S
 
 def drive(stage: Stage, root: DataRoot, cfgs: dict[str, Any], executor: Executor | None = None,
           force: bool = False, sinks: Iterable[ProgressSink] = ()) -> StageReport:
-    """Run `stage`'s pending shards on `executor` (default: in-process) and report."""
+    """Run `stage`'s pending shards and report: a Beam stage on its runner, any other's shards
+    mapped by `executor` (default: threads of this process)."""
     from storage.lease import stage_lease
 
     t0 = time.time()
@@ -168,7 +174,10 @@ def drive(stage: Stage, root: DataRoot, cfgs: dict[str, Any], executor: Executor
                     progress.shard_done((m.rows_in or m.rows_out) if m else 0, failed=m is None)  # a source: its output
 
             try:
-                (executor or InProcess()).run(job, todo, on_result)
+                if stage.engine == "beam":
+                    run_beam(job, todo, on_result)
+                else:
+                    (executor or InProcess()).map(job, shard_runner(job), todo, on_result)
             finally:
                 progress.close()
     report.finish()

@@ -26,6 +26,12 @@ STAGES: dict[str, str] = {
     "evaluate": "pipelines.evaluation.evaluate:EvaluateStage",
 }
 
+# Stages that run more than once in the end-to-end plan (and get one deployment per run): the
+# fields each run replaces in the stage's config section. Every other stage runs once.
+RUNS: dict[str, tuple[dict[str, Any], ...]] = {
+    "train": ({"variant": "ra-cm3"}, {"variant": "vanilla"}),
+}
+
 # Config sections that belong to no stage; every stage's own section comes from its class.
 RUN_SECTIONS: dict[str, str] = {
     "run": "pipelines.core.runconfig:RunConfig",
@@ -42,6 +48,17 @@ def get_stage(name: str) -> Any:
     if name not in STAGES:
         raise ConfigError("stage", f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     return _load(STAGES[name])()
+
+
+def plan() -> list[tuple[str, dict[str, Any]]]:
+    """(stage, fields replaced in its config section) for every run, in pipeline order."""
+    return [(name, fields) for name in STAGES for fields in RUNS.get(name, ({},))]
+
+
+def section_of(name: str) -> str:
+    """A registered stage's config section (imports its module)."""
+    get_stage(name)  # an unknown name is a ConfigError naming the stages
+    return _load(STAGES[name]).section
 
 
 def section_classes() -> dict[str, type]:

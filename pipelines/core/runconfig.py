@@ -15,6 +15,7 @@ class RunConfig(StageConfig):
 
     SECTION = "run"
     retries: int = 1  # extra attempts for a shard that raised (I/O hiccups); timeouts are final
+    retry_delay_s: float = 1.0  # wait before the first retry; each later wait doubles (backoff)
     shard_concurrency: int = 2  # shards of a local-engine stage run at once (threads)
     shard_timeout_s: float = 0.0  # a shard running longer is stopped and failed; 0 = no limit
     lease_wait_s: float = 0.0  # wait this long for another run's stage lease, then exit 2
@@ -24,6 +25,7 @@ class RunConfig(StageConfig):
         for name in ("shard_timeout_s", "lease_wait_s", "lease_ttl_s"):
             self.check(math.isfinite(getattr(self, name)), name, "must be a finite number")
         self.check(self.retries >= 0, "retries", "must be >= 0")
+        self.check(self.retry_delay_s >= 0, "retry_delay_s", "must be >= 0")
         self.check(self.shard_concurrency >= 1, "shard_concurrency", "must be >= 1")
         self.check(self.shard_timeout_s >= 0, "shard_timeout_s", "must be >= 0 (0 = no limit)")
         self.check(self.lease_wait_s >= 0, "lease_wait_s", "must be >= 0")

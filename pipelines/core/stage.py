@@ -143,14 +143,17 @@ class Stage:
     name: ClassVar[str]  # CLI name, Prefect flow `racm3-<name>`, manifest folder
     config: ClassVar[type]  # its config dataclass; its section is derived from `name`
     version: ClassVar[str] = "1"
-    section: ClassVar[str] = ""  # derived: `name` with "-" -> "_" (set by __init_subclass__)
+    # its config section: `name` with "-" -> "_" unless the class body names another (a stage that
+    # shares a section, e.g. evaluate-part reads [evaluate]); set by __init_subclass__
+    section: ClassVar[str] = ""
     engine: ClassVar[str] = "local"  # "local" (one task per shard) or "beam"
     description: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:  # a concrete stage: derive everything from its declaration
-            cls.section = cls.name.replace("-", "_")
+            if "section" not in cls.__dict__:
+                cls.section = cls.name.replace("-", "_")
             if "config" in cls.__dict__:  # field names in config errors: `<section>.<field>`
                 cls.config.SECTION = cls.section  # type: ignore[attr-defined]
 

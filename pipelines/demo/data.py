@@ -3,7 +3,7 @@
 Several hundred named entities, each with its own look (a shape filled with a flag-like grid in
 its own palette), most of them rare (Zipf-like, a few documents each). The flag is centred and
 sized to the image's shorter side, so after img2dataset's centre crop it lands on the same token
-grid in every rendering: a retrieved rendering's tokens predict a new one's (DEMO-CALIBRATION.md).
+grid in every rendering: a retrieved rendering's tokens predict a new one's (docs/demo-design.md).
 Rows that each filter must drop and URLs that fail are mixed in. Two held-out splits in COCO
 captions format show the same entities in new renderings: `dev` (captions_dev.json) for every
 choice of preset values, and `test` (captions_test.json), reported and never used to choose
@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,8 @@ from PIL import Image, ImageDraw
 
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
+from pipelines.demo.backgrounds import BACKGROUNDS
+from pipelines.demo.templates import TEMPLATES
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -35,18 +37,7 @@ PALETTE = np.array([
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
     (255, 250, 200), (128, 0, 0), (170, 255, 195), (0, 0, 128),
 ], dtype=np.int16)
-BACKGROUNDS = {"grey": (128, 128, 128), "sand": (194, 178, 128), "slate": (90, 100, 110),
-               "olive": (110, 110, 70), "cream": (235, 230, 210), "charcoal": (50, 50, 55),
-               "sky": (160, 190, 215), "moss": (90, 120, 80)}
 SHAPES = ("square", "disc", "diamond", "cross")
-# Every caption names the entity AND its background: the background is the frequent, learnable
-# attribute (8 colours over thousands of documents); the entity's look is the rare knowledge.
-TEMPLATES = (
-    "a photo of the {name} on {bg}", "the {name} on a {bg} background", "{name}, {bg} backdrop",
-    "a picture showing a {name} on {bg}", "close-up of the {name}, {bg} behind it",
-    "an image of {name} against {bg}", "the {name} emblem on {bg}",
-    "{name} in front of a {bg} wall", "a {name} pictured on {bg}", "studio shot of the {name} on {bg}",
-)
 SYLLABLES = ("ka", "zo", "ri", "vel", "mon", "ta", "qui", "dar", "sel", "po", "lun", "fex", "bri",
              "nor", "tas", "gim", "ulo", "ren", "cha", "wy", "xan", "dop", "ile", "mur")
 
@@ -102,12 +93,14 @@ def make_names(rng: np.random.Generator, n: int) -> list[str]:
 
 def make_entities(cfg: DemoDataConfig) -> list[Entity]:
     rng = np.random.default_rng([cfg.seed, 1])
-    out = []
-    for name in make_names(rng, cfg.entities):
-        palette = tuple(int(i) for i in rng.choice(len(PALETTE), 4, replace=False))
-        cells = rng.integers(0, 4, size=(GRID, GRID))
-        out.append(Entity(name, SHAPES[int(rng.integers(len(SHAPES)))], palette, cells))
-    return out
+    return [entity_look(name, rng) for name in make_names(rng, cfg.entities)]
+
+
+def entity_look(name: str, rng: np.random.Generator) -> Entity:
+    """An entity's look: 4 palette colours, a flag grid over them, a shape."""
+    palette = tuple(int(i) for i in rng.choice(len(PALETTE), 4, replace=False))
+    cells = rng.integers(0, 4, size=(GRID, GRID))
+    return Entity(name, SHAPES[int(rng.integers(len(SHAPES)))], palette, cells)
 
 
 def shape_mask(shape: str) -> np.ndarray:
@@ -356,3 +349,63 @@ class DemoDataStage(Stage):
             "rare_entities_le4_docs": sum(1 for c in counts.values() if c <= 4)})
 
 
+
+
+# ---------------------------------------------------------------------------- novel entities
+
+NOVEL_STREAMS = (11, 12)  # [seed, stream] of the novel entities' names/looks and of their documents
+NOVEL_SEED_OFFSET = 1000  # their test split's seed is the demo's plus this (a stream of its own)
+
+
+def novel_entities(cfg: DemoDataConfig, n: int) -> list[Entity]:
+    """n entities that no training document shows: names the demo's entities do not use (a name
+    is never another's word either: captions name entities as words), from a stream of their own."""
+    taken = {e.name for e in make_entities(cfg)}
+    rng = np.random.default_rng([cfg.seed, NOVEL_STREAMS[0]])
+    names = [x for x in make_names(rng, n + len(taken)) if x not in taken][:n]
+    return [entity_look(name, rng) for name in names]
+
+
+def novel_metadata(cfg: DemoDataConfig, www: str, entities: list[Entity],
+                   docs: int) -> tuple[pa.Table, dict[int, set[str]]]:
+    """`docs` clean documents of each novel entity rendered into `www`: the metadata table and
+    the backgrounds each entity's documents show."""
+    rng = np.random.default_rng([cfg.seed, NOVEL_STREAMS[1]])
+    writer = DemoWriter(cfg, www, entities)
+    for ent in rng.permutation(np.repeat(np.arange(len(entities)), docs)):
+        writer.add(rng, int(ent), "clean")
+    return pa.Table.from_pylist([r.__dict__ for r in writer.rows]), writer.backgrounds
+
+
+class NovelDataStage(Stage):
+    """The novel-entity memory's `demo/laion` shard (`racm3 novel`, in a data root of its own):
+    documents of entities that never appear in training, and a COCO test split of new renderings
+    of them (novel backgrounds, as the demo's), laid out as the demo stage lays out its own."""
+
+    name = "demo"
+    version = "novel-1"
+
+    def __init__(self, entities: int = 40, docs: int = 3):
+        self.entities, self.docs = entities, docs
+
+    def plan(self, root: DataRoot, cfg: DemoDataConfig) -> list[ShardSpec]:
+        return [ShardSpec("demo", "laion", ())]
+
+    def params(self, cfg: DemoDataConfig) -> dict:
+        return cfg.params() | {"novel_entities": self.entities, "novel_docs": self.docs}
+
+    def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
+        cfg: DemoDataConfig = ctx.cfg
+        entities = novel_entities(cfg, self.entities)
+        table, backgrounds = novel_metadata(cfg, ctx.local_path("www"), entities, self.docs)
+        coco_dir = ctx.local_path("coco")
+        split_cfg = replace(cfg, seed=cfg.seed + NOVEL_SEED_OFFSET, eval_images=len(entities))
+        coco = generate_coco(split_cfg, entities, coco_dir, dict.fromkeys(range(len(entities)), self.docs),
+                             "test", backgrounds)
+        coco["info"]["description"] = "racm3 novel entities: test split"
+        with open(os.path.join(coco_dir, "captions_test.json"), "w") as f:
+            json.dump(coco, f)
+        ctx.write_table(table.drop_columns(["kind", "entity"]))
+        return ShardResult(rows_in=0, rows_out=table.num_rows, metrics={
+            "novel_entities": len(entities), "docs_per_entity": self.docs,
+            "eval_images": len(coco["images"])})

@@ -38,7 +38,7 @@ BPE_FIELDS = ("bpe_vocab_size",)
 
 @dataclass(frozen=True)
 class FitVQGANConfig(StageConfig):
-    """The tiny demo VQGAN and caption BPE; sizes follow DEMO-CALIBRATION.md (coarse 8x8 grid)."""
+    """The tiny demo VQGAN and caption BPE; sizes follow docs/demo-design.md (coarse 8x8 grid)."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset({"threads"})
     image_size: int = 32  # training resolution (downloads are resized to it)
@@ -48,7 +48,7 @@ class FitVQGANConfig(StageConfig):
     res_blocks: int = 0  # residual blocks per level; 0 keeps only the mid blocks (3x the steps/s of 1)
     embed_dim: int = 16  # codebook vector size
     kmeans_codes: int = 32  # k-means clusters that become codes (0 or > codebook_size: all); 0.96 vs 0.84 of
-    # flag cells keep their code across renderings at 32 vs 64 (DEMO-CALIBRATION.md: coarse helps)
+    # flag cells keep their code across renderings at 32 vs 64 (docs/demo-design.md: coarse helps)
     kmeans_iters: int = 20  # k-means iterations over training patches that fix each token's target code
     kmeans_patches: int = 50000  # patches sampled for k-means (all are assigned afterwards)
     code_weight: float = 1.0  # weight of the code cross-entropy against the reconstruction loss

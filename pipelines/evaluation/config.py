@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 from pipelines.core.config import StageConfig
+from pipelines.evaluation.controls import CONTEXTS
+
+log = logging.getLogger(__name__)
 
 FEATURES = ("efficientnet", "clip")
 MODALITIES = ("mixed", "text", "image")
@@ -24,10 +28,14 @@ class EvaluateConfig(StageConfig):
     name: str = ""  # output shard: evaluate/<name> and its parts `<name>-<start>-<stop>` ("" = main): one per ablation
     context_modality: str = "mixed"  # retrieved documents in context: "mixed" (caption + image), "text" or "image" only (Table 5)
     generate: bool = True  # sample and rerank (FID-type, KID, CLIP score, CIDEr-D); false: perplexities only (ablations)
-    random_context: bool = False  # ablation: random memory documents instead of retrieved ones at inference (Table 5)
+    context: str = "retrieved"  # documents in context at inference: "retrieved", "oracle" (demo only: memory documents of the query's entity, never its own) or "random" (Table 5 controls)
+    random_context: bool = False  # deprecated: context = "random"
+    memory: str = ""  # data root whose index, key map and token shards are the memory ("" = this root's; relative to it, or absolute): made with this root's CLIP, VQGAN and BPE
     ra_checkpoint: str = "ra-cm3"  # train/<name>.pt evaluated as RA-CM3 (ablation variants have their own)
     vanilla_checkpoint: str = "vanilla"  # train/<name>.pt evaluated as vanilla CM3
     k: int = 2  # retrieved documents prepended to each prompt (RA-CM3, retrieval baseline uses the top 1)
+    query_sim_threshold: float | None = None  # retrieval skips a candidate scoring above this with the query (unset = the retrieve stage's)
+    redundancy_threshold: float | None = None  # retrieval skips a candidate this similar to a kept one (unset = the retrieve stage's)
     image_samples: int = 4  # images sampled per caption, best kept by CLIP score (paper 10)
     caption_samples: int = 8  # captions sampled per image, lowest perplexity kept (paper 32)
     max_caption_tokens: int = 24  # longest sampled caption
@@ -56,6 +64,7 @@ class EvaluateConfig(StageConfig):
         self.check(self.caption_samples >= 1, "caption_samples", "must be >= 1")
         self.check(self.max_caption_tokens >= 1, "max_caption_tokens", "must be >= 1")
         self.check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
+        self._fold_random_context()
         self.check(self.context_modality in MODALITIES, "context_modality", f"must be one of {MODALITIES}")
         self.check(all(c.isalnum() or c in "_." for c in self.name), "name",
                    "letters, digits, '_' and '.' only (it names output shards)")
@@ -65,6 +74,15 @@ class EvaluateConfig(StageConfig):
         self.check(0 < self.image_top_p <= 1 and 0 < self.text_top_p <= 1, "image_top_p",
                    "top_p values must be in (0, 1]")
         self._check_judge()
+
+    def _fold_random_context(self) -> None:
+        """`random_context = true` (deprecated) means `context = "random"`."""
+        self.check(self.context in CONTEXTS, "context", f"must be one of {CONTEXTS}")
+        if self.random_context:
+            self.check(self.context in ("retrieved", "random"), "random_context",
+                       f"is deprecated and contradicts context = {self.context!r}: drop it")
+            log.warning('evaluate.random_context is deprecated: set evaluate.context = "random"')
+            object.__setattr__(self, "context", "random")
 
     def _check_judge(self) -> None:
         """A judge CLIP named without weights would score with random ones: refused."""

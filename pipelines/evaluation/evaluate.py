@@ -20,9 +20,11 @@ import logging
 import threading
 from typing import Any
 
+from pipelines.core.config import ConfigError
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
-from pipelines.evaluation import drive, guard, lineage, metrics, records, report
+from pipelines.evaluation import guard, metrics, models, per_image, records, report
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.controls import same_entity_rates
 from pipelines.evaluation.fid import (
     FeatureExtractor,
     clip_extractor,
@@ -30,6 +32,8 @@ from pipelines.evaluation.fid import (
     inception_extractor,
 )
 from pipelines.evaluation.split import batches
+from pipelines.inference.loader import Inference
+from pipelines.inference.memory import check_memory, fingerprints, open_memory
 from storage.coco import CocoIndex, coco_ref, read_index
 from storage.fs import DataRoot
 from storage.manifest import read_manifest, upstream_ref
@@ -52,7 +56,7 @@ def part_range(shard_id: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def judge(root: DataRoot, setup: lineage.Setup, cfg: EvaluateConfig) -> FeatureExtractor:
+def judge(root: DataRoot, setup: Inference, cfg: EvaluateConfig) -> FeatureExtractor:
     """Inception-v3 (true FID) when its weights are given, else EfficientNet-Lite0 (ImageNet,
     plays no other role), or the retrieval CLIP only when asked for (`fid_features = "clip"`)."""
     if cfg.inception_weights:
@@ -62,6 +66,14 @@ def judge(root: DataRoot, setup: lineage.Setup, cfg: EvaluateConfig) -> FeatureE
     return efficientnet_extractor(cfg.device)
 
 
+def memory_of(root: DataRoot, cfg: EvaluateConfig) -> DataRoot:
+    """The memory's data root, checked at plan time (a mismatched memory never starts a shard)."""
+    mem = open_memory(root, cfg.memory, "evaluate.memory")
+    if mem is not root:
+        check_memory(mem, fingerprints(root), "evaluate.memory")
+    return mem
+
+
 REDUCE_ONLY = frozenset({"bootstrap"})
 
 
@@ -69,14 +81,19 @@ class EvaluatePartStage(Stage):
     """Shards `<start>-<stop>` of the split: per-image records, judge features, report figures."""
 
     name = "evaluate-part"
+    config = EvaluateConfig
+    section = "evaluate"  # one set of settings for the shards and the reduce
     version = "1"
     description = "one shard of evaluation images: sample, rerank, perplexities, judge features"
 
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
-        names = lineage.checkpoints(cfg).values()
+        names = models.checkpoints(cfg).values()
         inputs = [upstream_ref(root, "train", v) for v in names]
-        inputs += [upstream_ref(root, "index", "main"), coco_ref(root, cfg.coco)]
+        inputs += [upstream_ref(memory_of(root, cfg), "index", "main"), coco_ref(root, cfg.coco)]
         index = read_index(root, cfg.coco, cfg.image_dir, cfg.max_images)
+        if cfg.context == "oracle" and any(e.entity is None for e in index.entries):
+            raise ConfigError("evaluate.context", f"\"oracle\" needs the entity of every image, "
+                              f"and {cfg.coco} has no racm3_entities for some (demo splits only)")
         return [ShardSpec(self.name, sid, tuple(inputs)) for sid in part_ids(index, cfg.shard_images, cfg.name)]
 
     def params(self, cfg: EvaluateConfig) -> dict[str, Any]:
@@ -94,12 +111,13 @@ class EvaluatePartStage(Stage):
         key = (ctx.root.join(), json.dumps(cfg.params(), sort_keys=True, default=str))
         with cache["lock"]:
             if cache.get("key") != key:
-                loaded = lineage.load_setup(ctx.root, cfg)
+                loaded = models.load_models(ctx.root, cfg)
                 full = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
                 cache.update(key=key, setup=loaded,
                              judge=judge(ctx.root, loaded, cfg) if cfg.generate else None,
-                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg))
-            setup: lineage.Setup = cache["setup"]
+                             guard=guard.split_exclusions(ctx.root, loaded.retriever, full, cfg,
+                                                          loaded.memory_at))
+            setup: Inference = cache["setup"]
             fx: FeatureExtractor | None = cache["judge"]
             grd: dict[str, Any] = cache["guard"]
         index = read_index(ctx.root, cfg.coco, cfg.image_dir, cfg.max_images)
@@ -107,13 +125,13 @@ class EvaluatePartStage(Stage):
         examples, show, fig_dir = [], [], ctx.output_path("figures")
         ctx.root.makedirs(fig_dir)  # committed even when this shard shows no example
         for batch in batches(ctx.root, index, start, stop, cfg.batch_images):
-            for ex in drive.prepare(setup, batch, cfg, grd["excluded"]):
-                drive.run_example(setup, ex, cfg)
+            for ex in per_image.prepare(setup, batch, cfg, grd["excluded"]):
+                per_image.run_example(setup, ex, cfg)
                 if ex.item.position < cfg.show:
                     show.append(report.showcase(setup, ex, fig_dir, ctx.root))
                 examples.append(ex)
         counts = dict(index.counts) | {"usable_images": len(examples)}
-        part = records.Part([records.image_record(ex) for ex in examples],
+        part = records.ShardRecords([records.image_record(ex) for ex in examples],
                             records.features_of(examples, fx.extract) if fx else {}, counts,
                             grd["summary"], show, fx.metric if fx else "")
         records.write_part(ctx.root, ctx.output_path("json"), ctx.output_path("npz"), part)
@@ -163,21 +181,16 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                          f"fix the COCO file or evaluate.image_dir")
     out = metrics.compute(part, cfg.bootstrap, cfg.seed)
     return out | {"fid_features": part.fid_features, "split": part.counts,
+                  "context_same_entity": same_entity_rates(part.images),
                   "leakage_guard": part.guard, "retrieval_recall": metrics.retrieval_recall(root),
                   "settings": {"k": cfg.k, "image_samples": cfg.image_samples,
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
-                               "coco": cfg.coco, "checkpoints": lineage.checkpoints(cfg),
+                               "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "random_context": cfg.random_context},
+                               "context": cfg.context, "memory": cfg.memory},
                   "_part": part}
 
 
 def report_path(root: DataRoot) -> str:
     """Where the HTML report is (what the CLI prints after `racm3 demo`)."""
     return root.artifact("evaluate", "main", "report.html")
-
-
-# evaluate-part reads the [evaluate] section (one set of settings for the shards and the reduce);
-# set after the class body, which derives `section` from the name.
-EvaluatePartStage.config = EvaluateConfig  # type: ignore[misc]
-EvaluatePartStage.section = "evaluate"

@@ -38,15 +38,17 @@ def near_duplicates(root: DataRoot, image_emb: np.ndarray, text_emb: np.ndarray,
     return out
 
 
-def split_exclusions(root: DataRoot, retriever: Retriever, index: CocoIndex, cfg: Any) -> dict[str, Any]:
-    """The guard over the WHOLE split (every shard excludes the same documents), batch by batch.
+def split_exclusions(root: DataRoot, retriever: Retriever, index: CocoIndex, cfg: Any,
+                     memory: DataRoot | None = None) -> dict[str, Any]:
+    """The guard over the WHOLE split (every shard excludes the same documents), batch by batch;
+    the split's images are read from `root`, the memory's embeddings from `memory` (default `root`).
 
     Reads its own copy of the counts: the skips of the split are counted by the shards."""
     enc = retriever.encoder
     scratch = CocoIndex(index.path, index.dirs, index.entries, dict(index.counts))
     dups: dict[str, set[str]] = {"image": set(), "text": set()}
     for batch in batches(root, scratch, 0, None, cfg.batch_images):
-        d = near_duplicates(root, enc.encode_image([it.image for it in batch]),
+        d = near_duplicates(memory or root, enc.encode_image([it.image for it in batch]),
                             enc.encode_text([c for it in batch for c in it.captions]),
                             cfg.dup_image_threshold, cfg.dup_text_threshold)
         dups["image"] |= d["image"]
@@ -72,8 +74,8 @@ def guarded_search(retriever: Retriever, vecs: np.ndarray, excluded: set[str], k
 
 def _guarded_chunk(retriever: Retriever, vecs: np.ndarray, excluded: set[str],
                    k: int) -> list[list[str]]:
-    index, cfg = retriever.index, retriever.cfg
-    n = min(cfg.top_n + len(excluded), index.cpu.ntotal)
+    index, rule = retriever.index, retriever.rule
+    n = min(rule.top_n + len(excluded), index.cpu.ntotal)
     scores, ids = index.search(vecs, n)
     valid = ids >= 0
     safe = np.where(valid, ids, 0)
@@ -81,5 +83,5 @@ def _guarded_chunk(retriever: Retriever, vecs: np.ndarray, excluded: set[str],
     cand = index.reconstruct(uniq)[inv.reshape(safe.shape)]  # (chunk, N, D)
     banned = valid & np.vectorize(excluded.__contains__, otypes=[bool])(index.keys[safe])
     sel = select_neighbors(scores, cand, valid, banned, np.zeros_like(valid), k,
-                           cfg.query_sim_threshold, cfg.redundancy_threshold)
+                           rule.query_sim_threshold, rule.redundancy_threshold)
     return [index.keys[ids[r, sel.kept[r][sel.kept[r] >= 0]]].tolist() for r in range(len(vecs))]

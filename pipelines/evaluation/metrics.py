@@ -17,8 +17,8 @@ from pipelines.evaluation.fid import (
     kid_from_kernels,
     polynomial_kernel,
 )
-from pipelines.evaluation.lineage import MODELS
-from pipelines.evaluation.records import Part
+from pipelines.evaluation.models import MODELS
+from pipelines.evaluation.records import ShardRecords
 from pipelines.evaluation.stats import Interval, bootstrap, paired_difference, resamples
 from storage.fs import DataRoot
 
@@ -28,7 +28,7 @@ PPL = {"image ppl": ("image", ""), "text ppl": ("text", ""),
        "text ppl (caption first)": ("text_first", "")}  # name -> (nll part, run suffix)
 
 
-def image_stats(part: Part, model: str) -> dict[str, Stat]:
+def image_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
     """FID-type and KID over the rows where the model made an image; the CLIP score mean."""
     out: dict[str, Stat] = {}
     gen, real = part.features.get(model), part.features.get("real")
@@ -61,7 +61,7 @@ def image_stats(part: Part, model: str) -> dict[str, Stat]:
     return out
 
 
-def caption_stats(part: Part, model: str) -> dict[str, Stat]:
+def caption_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
     rows = [i for i, r in enumerate(part.images) if model in r["captions"]]
     if not rows:
         return {}
@@ -73,7 +73,7 @@ def caption_stats(part: Part, model: str) -> dict[str, Stat]:
             if np.isfinite(score[idx]).any() else math.nan}  # x100 as the paper's tables
 
 
-def ppl_stats(part: Part, model: str) -> dict[str, Stat]:
+def ppl_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
     """exp(summed NLL / tokens) over the resampled images, per perplexity of the model's runs."""
     runs = [model] + ([f"{model} (no retrieval)"] if model == "ra-cm3" else [])
     out: dict[str, Stat] = {}
@@ -95,12 +95,12 @@ def perplexity_of(pairs: np.ndarray) -> Stat:
     return stat
 
 
-def model_stats(part: Part, model: str) -> dict[str, Stat]:
+def model_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
     return image_stats(part, model) | caption_stats(part, model) | (
         ppl_stats(part, model) if model != "retrieval-baseline" else {})
 
 
-def counts_of(part: Part, model: str) -> dict[str, int]:
+def counts_of(part: ShardRecords, model: str) -> dict[str, int]:
     gen = part.features.get(model)
     out = {"caption_to_image_n": int((~np.isnan(gen).any(axis=1)).sum()) if gen is not None else 0,
            "image_to_caption_n": sum(model in r["captions"] for r in part.images)}
@@ -109,7 +109,7 @@ def counts_of(part: Part, model: str) -> dict[str, int]:
     return out
 
 
-def compute(part: Part, n_boot: int, seed: int) -> dict[str, Any]:
+def compute(part: ShardRecords, n_boot: int, seed: int) -> dict[str, Any]:
     """{"models": {model: {metric: value}}, "intervals": {model: {metric: [lo, hi]}},
     "differences": {"a - b": {metric: {value, lo, hi}}}}; intervals need n_boot > 0."""
     n = len(part.images)

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.evaluation.lineage import MODELS
+from pipelines.evaluation.models import MODELS
 from storage.fs import DataRoot
 
 
 @dataclass
-class Part:
+class ShardRecords:
     """One shard's results, or several shards' concatenated in split order."""
 
     images: list[dict[str, Any]]  # per image: position, image_id, refs, captions, clip, nll
@@ -30,7 +30,9 @@ class Part:
 def image_record(ex: Any) -> dict[str, Any]:
     return {"position": ex.item.position, "image_id": ex.item.image_id, "refs": ex.item.captions,
             "captions": dict(ex.captions), "clip": dict(ex.clip),
-            "nll": {run: {k: list(v) for k, v in d.items()} for run, d in ex.nll.items()}}
+            "nll": {run: {k: list(v) for k, v in d.items()} for run, d in ex.nll.items()},
+            "context": {"caption": list(ex.by_caption), "image": list(ex.by_image)},
+            "same_entity": dict(ex.same_entity)}
 
 
 def features_of(examples: list[Any], extract: Any) -> dict[str, np.ndarray]:
@@ -48,7 +50,7 @@ def features_of(examples: list[Any], extract: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def write_part(root: DataRoot, json_path: str, npz_path: str, part: Part) -> None:
+def write_part(root: DataRoot, json_path: str, npz_path: str, part: ShardRecords) -> None:
     with root.fs.open(json_path, "w") as f:
         json.dump({"images": part.images, "counts": part.counts, "guard": part.guard,
                    "show": part.show, "fid_features": part.fid_features}, f)
@@ -61,7 +63,7 @@ def write_part(root: DataRoot, json_path: str, npz_path: str, part: Part) -> Non
 IMAGE_SKIPS = ("skipped_missing_image", "skipped_undecodable_image")
 
 
-def read_parts(root: DataRoot, shard_ids: list[str]) -> Part:
+def read_parts(root: DataRoot, shard_ids: list[str]) -> ShardRecords:
     """Every part shard's results in split order (counts of image skips summed)."""
     images: list[dict[str, Any]] = []
     feats: list[dict[str, np.ndarray]] = []
@@ -85,5 +87,5 @@ def read_parts(root: DataRoot, shard_ids: list[str]) -> Part:
             for k in (*IMAGE_SKIPS, "usable_images"):
                 counts[k] = counts.get(k, 0) + d["counts"].get(k, 0)
     keys = feats[0].keys() if feats else []
-    return Part(images, {k: np.concatenate([f[k] for f in feats]) for k in keys}, counts, guard,
+    return ShardRecords(images, {k: np.concatenate([f[k] for f in feats]) for k in keys}, counts, guard,
                 show, judge)

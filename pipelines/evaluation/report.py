@@ -19,8 +19,8 @@ from storage.manifest import read_manifest
 
 if TYPE_CHECKING:
     from pipelines.core.stage import ShardContext
-    from pipelines.evaluation.drive import Example
-    from pipelines.evaluation.lineage import Setup
+    from pipelines.evaluation.per_image import Example
+    from pipelines.inference.loader import Inference
 
 CURVES = ("l_main", "l_image", "l_text")  # main-document losses: comparable across variants
 COLOURS = {"ra-cm3": "#d62728", "vanilla": "#1f77b4"}
@@ -115,21 +115,20 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def text_to_image_row(setup: Setup, ex: Example) -> Image.Image:
+def text_to_image_row(setup: Inference, ex: Example) -> Image.Image:
     """Retrieved documents' images (by the caption), then each model's kept image, then the real one."""
-    from pipelines.evaluation.lineage import memory_image
 
-    tiles = [thumb(memory_image(setup, k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
+    tiles = [thumb(setup.memory_image(k), f"retrieved {i + 1}") for i, k in enumerate(ex.by_caption)]
     tiles += [thumb(ex.images.get(m), label) for m, label in
               (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"), ("retrieval-baseline", "baseline"))]
     return row_image(tiles + [thumb(ex.real, "real")])
 
 
-def retrieved_text(setup: Setup, keys: list[str]) -> str:
-    return "; ".join(f"“{setup.memory_captions.get(k, k)}”" for k in keys) or "(none)"
+def retrieved_text(setup: Inference, keys: list[str]) -> str:
+    return "; ".join(f"“{setup.captions.get(k, k)}”" for k in keys) or "(none)"
 
 
-def showcase(setup: Setup, ex: Example, fig_dir: str, root: DataRoot) -> dict[str, Any]:
+def showcase(setup: Inference, ex: Example, fig_dir: str, root: DataRoot) -> dict[str, Any]:
     """Write one example's two figures into fig_dir; its texts for the report."""
     pos = ex.item.position
     figs = {f"t2i_{pos}.png": text_to_image_row(setup, ex),
@@ -183,6 +182,17 @@ def difference_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]
              "yes" if d["separates"] else "no"]
             for pair, ds in diffs.items() for name, d in ds.items()]
     return ["difference", "metric", "value", "95% interval", "excludes 0"], rows
+
+
+MD_SPECIAL = "\\`*_{}[]()#+-.!|<>~"
+
+
+def md_escape(text: str) -> str:
+    """Web text as literal Markdown: every character Markdown (or raw HTML in it) would read
+    is backslash-escaped, and line breaks become spaces, so a caption cannot format, link or
+    embed anything."""
+    flat = " ".join(str(text).split())
+    return "".join("\\" + c if c in MD_SPECIAL else c for c in flat)
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -267,14 +277,14 @@ def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool) 
     out += ["## Caption → image", "", "Columns: retrieved documents (by the caption), RA-CM3, "
             "vanilla CM3, retrieval baseline, real image.", ""]
     for ex in show:
-        out += [f"**{ex['caption']}** — retrieved: {ex['retrieved_by_caption']}", "",
+        out += [f"**{md_escape(ex['caption'])}** — retrieved: {md_escape(ex['retrieved_by_caption'])}", "",
                 f"![caption {ex['position']}](main.figures/{ex['t2i']})", ""]
     out += ["## Image → caption", ""]
     for ex in show:
         out += [f"![image {ex['position']}](main.figures/{ex['i2t']})", "",
-                f"- references: {' / '.join(ex['refs'])}",
-                f"- retrieved (by the image): {ex['retrieved_by_image']}"]
-        out += [f"- {m}: “{ex['captions'].get(m, '—')}”" for m in MODEL_ORDER] + [""]
+                f"- references: {' / '.join(md_escape(r) for r in ex['refs'])}",
+                f"- retrieved (by the image): {md_escape(ex['retrieved_by_image'])}"]
+        out += [f"- {m}: “{md_escape(ex['captions'].get(m, '—'))}”" for m in MODEL_ORDER] + [""]
     return "\n".join(out)
 
 

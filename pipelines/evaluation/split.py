@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from model.clip_encoder import decode_image
@@ -21,6 +21,8 @@ class SplitItem:
     image: Image.Image  # RGB, as stored
     captions: list[str]
     position: int = 0  # its entry's index in the split (seeds its sampling, whatever the sharding)
+    entity: str | None = None  # demo only: the entity it shows (the split's racm3_entities)
+    sha256: str = ""  # of the stored image file (a memory document with it is the query's own)
 
 
 def items(root: DataRoot, index: CocoIndex, start: int = 0,
@@ -31,7 +33,8 @@ def items(root: DataRoot, index: CocoIndex, start: int = 0,
         if image is None:  # checked decodable by the reader; counted there if not
             index.counts["skipped_undecodable_image"] += 1
             continue
-        yield SplitItem(it.entry.image_id, image, it.entry.captions, it.position)
+        yield SplitItem(it.entry.image_id, image, it.entry.captions, it.position, it.entry.entity,
+                        hashlib.sha256(it.data).hexdigest())
 
 
 def batches(root: DataRoot, index: CocoIndex, start: int, stop: int | None,
@@ -54,11 +57,3 @@ def read_split(root: DataRoot, coco: str, image_dir: str = "",
     out = list(items(root, index))
     index.counts["usable_images"] = len(out)
     return out, index.counts
-
-
-def at_size(image: Image.Image, size: int) -> np.ndarray:
-    """(size, size, 3) uint8, resized as `model.images.load_image` resizes the training images."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.array(image, dtype=np.uint8)

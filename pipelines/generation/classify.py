@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from model.cm3.format import Doc
 from model.document import Vocab
 from model.transformer import Transformer
-from pipelines.evaluation.generate import Doc, caption_nll
+from pipelines.inference.sampling import caption_nll
 
 
 def label_logprobs(model: Transformer, vocab: Vocab, query_codes: Sequence[int],

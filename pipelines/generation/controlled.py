@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.demo.data import BACKGROUNDS
-from pipelines.evaluation.generate import Sampling
+from pipelines.demo.backgrounds import BACKGROUNDS
 from pipelines.generation.translate import Context, Ranked, caption_to_image
-from pipelines.generation.workbench import Workbench
+from pipelines.inference.loader import Inference
+from pipelines.inference.sampling import Sampling
 
 COLOURS = np.array(list(BACKGROUNDS.values()), dtype=np.float32)  # (8, 3)
 NAMES = list(BACKGROUNDS)
 
 
-def controlled_images(bench: Workbench, caption: str, demos: Context, n: int,
+def controlled_images(bench: Inference, caption: str, demos: Context, n: int,
                       params: Sampling = Sampling(), generator: torch.Generator | None = None) -> Ranked:
     """n images for the caption with the demonstrations as the whole context, best CLIP first."""
     return caption_to_image(bench, caption, demos, n, params, generator=generator)
@@ -52,14 +52,14 @@ class ControlCase:
     steered: list[Image.Image] = field(default_factory=list)  # context: style doc, then entity doc
 
 
-def image_of(bench: Workbench, key: str) -> Image.Image:
+def image_of(bench: Inference, key: str) -> Image.Image:
     image = bench.parts(bench.memory[key])[1]
     if image is None:
         raise ValueError(f"memory document {key} has no image")
     return image
 
 
-def pick_cases(bench: Workbench, entity_keys: dict[str, list[str]], n_cases: int,
+def pick_cases(bench: Inference, entity_keys: dict[str, list[str]], n_cases: int,
                seed: int) -> list[tuple[str, str, str, str]]:
     """(entity name, entity key, style key, target background) with the style document showing a
     background other than the entity document's own."""
@@ -84,7 +84,7 @@ def pick_cases(bench: Workbench, entity_keys: dict[str, list[str]], n_cases: int
     return cases
 
 
-def background_control(bench: Workbench, entity_keys: dict[str, list[str]], n_cases: int = 12,
+def background_control(bench: Inference, entity_keys: dict[str, list[str]], n_cases: int = 12,
                        samples: int = 2, seed: int = 0,
                        template: str = "a photo of the {name}") -> tuple[list[ControlCase], dict[str, float]]:
     """Cases and the share of outputs whose background is the style document's, with the style

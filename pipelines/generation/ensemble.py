@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.cm3.format import Doc, text_to_image_prompt
 from model.document import Vocab, sequence_positions
 from model.sampling import mixture, sample_branches
 from model.transformer import Transformer
-from pipelines.evaluation.generate import Doc, Sampling, text_to_image_prompt
+from pipelines.inference.sampling import Sampling
 
 TEXT, IMAGE = 1, 2  # Vocab.modality codes
 MODES = ("prob", "logprob")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from model.clip_encoder import decode_image
 from pipelines.generation.classify import ensemble, pass_probs
-from pipelines.generation.workbench import Workbench, load_workbench
+from pipelines.inference.loader import Inference, load_inference
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,10 @@ def read_entity_split(root: DataRoot, coco: str) -> Split:
     return split
 
 
-def memory_by_entity(bench: Workbench, names: set[str]) -> dict[str, list[str]]:
+def memory_by_entity(bench: Inference, names: set[str]) -> dict[str, list[str]]:
     """Entity name -> memory keys whose caption names it (as a whole word), sorted."""
     out: dict[str, list[str]] = {}
-    for key, cap in sorted(bench.captions.items()):
+    for key, cap in sorted(bench.all_captions().items()):
         for word in set(re.findall(r"[a-z]+", cap.lower())) & names:
             if key in bench.memory:
                 out.setdefault(word, []).append(key)
@@ -119,7 +119,7 @@ def eligible(docs: dict[str, list[str]], names: list[str], k: int) -> tuple[list
     return [], 2
 
 
-def make_tasks(bench: Workbench, split: Split, cfg: FewShotConfig) -> tuple[list[Task], int]:
+def make_tasks(bench: Inference, split: Split, cfg: FewShotConfig) -> tuple[list[Task], int]:
     """Random entity pairs among entities with a test image and enough memory documents."""
     rng = np.random.default_rng(cfg.seed)
     docs = memory_by_entity(bench, set(split.images))
@@ -138,7 +138,7 @@ def make_tasks(bench: Workbench, split: Split, cfg: FewShotConfig) -> tuple[list
     return tasks, need
 
 
-def task_passes(bench: Workbench, task: Task, labels: tuple[str, str], k: int, cfg: FewShotConfig,
+def task_passes(bench: Inference, task: Task, labels: tuple[str, str], k: int, cfg: FewShotConfig,
                 rng: np.random.Generator) -> list[list[np.ndarray]]:
     """k passes of one demonstration per class (cycling through each class's documents), the
     pair's order drawn at random per pass."""
@@ -151,7 +151,7 @@ def task_passes(bench: Workbench, task: Task, labels: tuple[str, str], k: int, c
     return passes
 
 
-def task_accuracy(bench: Workbench, tasks: list[Task], semantic: bool, cfg: FewShotConfig
+def task_accuracy(bench: Inference, tasks: list[Task], semantic: bool, cfg: FewShotConfig
                   ) -> dict[int, float]:
     """Accuracy per k over both queries of every task."""
     rng = np.random.default_rng([cfg.seed, int(semantic)])
@@ -171,7 +171,7 @@ def task_accuracy(bench: Workbench, tasks: list[Task], semantic: bool, cfg: FewS
 
 def run_fewshot(root: DataRoot, cfg: FewShotConfig) -> dict[str, Any]:
     """{"split", "tasks", "ks", "accuracy": {variant: {"semantic"|"non-semantic": {k: acc}}}}."""
-    bench = load_workbench(root, cfg.variants, cfg.device)
+    bench = load_inference(root, cfg.variants, cfg.device)
     split = read_entity_split(root, cfg.coco)
     tasks, need = make_tasks(bench, split, cfg)
     acc: dict[str, dict[str, dict[int, float]]] = {}

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.cm3.format import Doc, text_to_image_prompt
 from model.document import Vocab
 from model.sampling import sample_guided
 from model.transformer import Transformer
-from pipelines.evaluation.generate import Doc, Sampling, generate_images, text_to_image_prompt
+from pipelines.inference.sampling import Sampling, generate_images
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Image infilling and editing (paper §5.2): a box of the token grid is masked and the model fills
 it in, conditioned on the caption, the rest of the image and the in-context documents.
 
-CM3's infilling form, exactly as `sequences.mask_spans` trains it: the raster span from the box's
+CM3's infilling form (`model.cm3.format.infilling_prompt`, as training masks spans): the raster span from the box's
 first to its last token becomes `<mask:0>`, and the model writes that span after `<infill> <mask:0>`.
 Tokens of the span that lie outside the box (the row remainders between the box's rows) are fed
 as known tokens rather than sampled, so every token outside the box is kept exactly.
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.document import INFILL, Vocab, sequence_positions
+from model.cm3.format import Doc, infilling_prompt, with_context
+from model.document import Vocab
 from model.sampling import sample
 from model.transformer import Transformer
-from pipelines.evaluation.generate import Doc, Sampling
-from pipelines.training.sequences import mask_spans
+from pipelines.inference.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,11 @@ def infill_prompt(vocab: Vocab, caption_ids: Sequence[int], codes: Sequence[int]
     doc = np.asarray(vocab.encode(caption_ids, codes), dtype=np.int64)
     s, e = box.span(grid)
     offset = len(caption_ids) + 1  # body index of image code 0: caption, then `" src="`
-    masked = mask_spans(doc, [(offset + s, offset + e)], vocab)
-    cut = int(np.flatnonzero(masked == INFILL)[0]) + 2  # keep `<infill> <mask:0>`
-    docs = [np.asarray(d, dtype=np.int64) for d in context] + [masked]
-    ids = np.concatenate(docs)[: sum(map(len, docs)) - len(masked) + cut]
-    positions = sequence_positions(docs)[: len(ids)]
+    ids, positions = with_context(context, infilling_prompt(doc, (offset + s, offset + e), vocab))
     inside = box.inside(grid)[s:e]
     known = np.asarray(codes[s:e], dtype=np.int64) + vocab.image_offset
     forced = np.where(inside, -1, known)
-    return ids.tolist(), positions.tolist(), forced.tolist()
+    return ids, positions, forced.tolist()
 
 
 def infill_images(model: Transformer, vocab: Vocab, caption_ids: Sequence[int],

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipelines.evaluation.generate import Sampling
 from pipelines.generation.ensemble import ensemble_images
 from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
@@ -24,7 +23,9 @@ from pipelines.generation.translate import (
     image_to_caption,
     rank_images,
 )
-from pipelines.generation.workbench import Workbench, load_workbench
+from pipelines.inference.loader import Inference, load_inference
+from pipelines.inference.retrieval import inference_rule, parse_sets
+from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Request:
     ensemble: int = 0  # caption -> image: this many documents as an ensemble of 2-document passes (0 = off)
     out: str = "generated"  # output folder
     device: str = "cpu"
+    sets: tuple[str, ...] = ()  # `retrieve.<field>=value` / `embed.model=NAME`: retrieval settings (default: the retrieve stage's)
+    memory: str = ""  # another data root whose index, key map and token shards are the memory ("" = this root's)
 
     @property
     def mode(self) -> str:
@@ -91,7 +94,7 @@ def open_image(path: str) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
-def resolve_context(bench: Workbench, req: Request, image: Image.Image | None) -> Context:
+def resolve_context(bench: Inference, req: Request, image: Image.Image | None) -> Context:
     """Named documents when given, else documents retrieved with the prompt alone (no leakage:
     the caption for caption -> image and infilling, the image for image -> caption)."""
     user = Context.of_keys(bench, req.context_keys)
@@ -108,7 +111,7 @@ def resolve_context(bench: Workbench, req: Request, image: Image.Image | None) -
     return Context.of_keys(bench, keys)
 
 
-def run(bench: Workbench, req: Request) -> tuple[Ranked, Context, Image.Image | None]:
+def run(bench: Inference, req: Request) -> tuple[Ranked, Context, Image.Image | None]:
     req.check()
     image = open_image(req.image) if req.image else None
     context = resolve_context(bench, req, image)
@@ -134,7 +137,7 @@ def run(bench: Workbench, req: Request) -> tuple[Ranked, Context, Image.Image | 
                             gen), context, None
 
 
-def write(bench: Workbench, req: Request, ranked: Ranked, context: Context,
+def write(bench: Inference, req: Request, ranked: Ranked, context: Context,
           image: Image.Image | None) -> dict[str, Any]:
     """PNGs / captions.txt, result.json and index.html under req.out; returns the result record."""
     os.makedirs(req.out, exist_ok=True)
@@ -159,7 +162,7 @@ def write(bench: Workbench, req: Request, ranked: Ranked, context: Context,
     return record
 
 
-def section(bench: Workbench, req: Request, ranked: Ranked, context: Context,
+def section(bench: Inference, req: Request, ranked: Ranked, context: Context,
             image: Image.Image | None) -> Section:
     prompt = []
     if req.caption:
@@ -181,6 +184,8 @@ def section(bench: Workbench, req: Request, ranked: Ranked, context: Context,
 
 def generate(root: DataRoot, req: Request) -> dict[str, Any]:
     """Load the checkpoint, run the request, write its outputs; the result record."""
-    bench = load_workbench(root, (req.variant,), req.device)
+    overrides, encoder = parse_sets(list(req.sets))
+    rule = inference_rule(root, overrides, encoder)
+    bench = load_inference(root, (req.variant,), req.device, rule, memory=req.memory)
     ranked, context, image = run(bench, req)
     return write(bench, req, ranked, context, image)

@@ -15,13 +15,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.evaluation.fid import clip_extractor, frechet_distance
-from pipelines.evaluation.generate import Sampling
 from pipelines.generation.controlled import background_control, image_of
 from pipelines.generation.fewshot import Split, memory_by_entity, read_entity_split
 from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
 from pipelines.generation.translate import Context, caption_to_image, clip_scores
-from pipelines.generation.workbench import Workbench, load_workbench
+from pipelines.inference.loader import Inference, load_inference
+from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ def grey_box(image: Image.Image, box: Box, grid: int) -> Image.Image:
 # ---------------------------------------------------------------------------- experiments
 
 
-def context_for(bench: Workbench, caption: str, k: int) -> Context:
+def context_for(bench: Inference, caption: str, k: int) -> Context:
     keys = bench.retrieve_by_caption(caption, k) if bench.variant == "ra-cm3" else []
     return Context.of_keys(bench, keys)
 
 
-def infill_study(bench: Workbench, split: Split, names: list[str], cfg: ShowcaseConfig,
+def infill_study(bench: Inference, split: Split, names: list[str], cfg: ShowcaseConfig,
                  box: Box) -> tuple[dict[str, float], list[list[Image.Image]]]:
     """Share of box tokens equal to the true image's tokens, per variant; picture rows."""
     gen = torch.Generator(bench.device).manual_seed(cfg.seed)
@@ -102,7 +102,7 @@ def infill_study(bench: Workbench, split: Split, names: list[str], cfg: Showcase
     return {v: float(np.mean(m)) for v, m in match.items()}, rows
 
 
-def guidance_study(bench: Workbench, split: Split, names: list[str], cfg: ShowcaseConfig
+def guidance_study(bench: Inference, split: Split, names: list[str], cfg: ShowcaseConfig
                    ) -> tuple[dict[str, dict[str, dict[str, float]]], list[list[Image.Image]]]:
     """CLIP score and FID-CLIP of the kept image per (variant, weight); picture rows (RA-CM3)."""
     fx = clip_extractor(bench.retriever.encoder, bench.retriever.encoder.info.model)
@@ -129,7 +129,7 @@ def guidance_study(bench: Workbench, split: Split, names: list[str], cfg: Showca
     return out, rows
 
 
-def controlled_study(bench: Workbench, split: Split, cfg: ShowcaseConfig
+def controlled_study(bench: Inference, split: Split, cfg: ShowcaseConfig
                      ) -> tuple[dict[str, dict[str, float]], list[list[Image.Image]]]:
     keys = memory_by_entity(bench, set(split.images))
     shares, rows = {}, []
@@ -144,7 +144,7 @@ def controlled_study(bench: Workbench, split: Split, cfg: ShowcaseConfig
 
 
 def run_showcase(root: DataRoot, cfg: ShowcaseConfig) -> dict[str, Any]:
-    bench = load_workbench(root, VARIANTS, cfg.device)
+    bench = load_inference(root, VARIANTS, cfg.device)
     split = read_entity_split(root, cfg.coco)
     names = sorted(split.images)[: cfg.images]
     g = bench.grid

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.evaluation.generate import Sampling, caption_nll, generate_captions
 from pipelines.generation.guidance import Guidance, guided_images
-from pipelines.generation.workbench import Workbench
+from pipelines.inference.loader import Inference
+from pipelines.inference.sampling import Sampling, caption_nll, generate_captions
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Context:
     sources: list[str] = field(default_factory=list)
 
     @classmethod
-    def of_keys(cls, bench: Workbench, keys: Sequence[str]) -> Context:
+    def of_keys(cls, bench: Inference, keys: Sequence[str]) -> Context:
         return cls([bench.memory_doc(k) for k in keys], list(keys))
 
     def __add__(self, other: Context) -> Context:
@@ -42,13 +42,13 @@ class Ranked:
     score_name: str = ""
 
 
-def clip_scores(bench: Workbench, images: list[Image.Image], caption: str) -> np.ndarray:
+def clip_scores(bench: Inference, images: list[Image.Image], caption: str) -> np.ndarray:
     """(N,) cosine similarity of each image with the caption, by the index's CLIP encoder."""
     enc = bench.retriever.encoder
     return enc.encode_image(images) @ enc.encode_text([caption])[0]
 
 
-def rank_images(bench: Workbench, codes: np.ndarray, caption: str) -> Ranked:
+def rank_images(bench: Inference, codes: np.ndarray, caption: str) -> Ranked:
     images = bench.decode_codes(codes)
     scores = clip_scores(bench, images, caption)
     order = np.argsort(-scores, kind="stable")
@@ -56,7 +56,7 @@ def rank_images(bench: Workbench, codes: np.ndarray, caption: str) -> Ranked:
                   scores=[float(scores[i]) for i in order], score_name="CLIP score")
 
 
-def caption_to_image(bench: Workbench, caption: str, context: Context, n: int,
+def caption_to_image(bench: Inference, caption: str, context: Context, n: int,
                      params: Sampling, guidance: Guidance = Guidance(),
                      generator: torch.Generator | None = None) -> Ranked:
     """n images for the caption, best CLIP score first."""
@@ -65,7 +65,7 @@ def caption_to_image(bench: Workbench, caption: str, context: Context, n: int,
     return rank_images(bench, codes, caption)
 
 
-def image_to_caption(bench: Workbench, image: Image.Image, context: Context, m: int,
+def image_to_caption(bench: Inference, image: Image.Image, context: Context, m: int,
                      max_tokens: int, params: Sampling,
                      generator: torch.Generator | None = None, min_tokens: int = 1) -> Ranked:
     """m captions for the image (CM3 infilling prompt), lowest perplexity first."""

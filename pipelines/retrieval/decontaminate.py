@@ -1,9 +1,10 @@
 """Stage `decontaminate`: main documents that near-duplicate an evaluation image or caption.
 
 Per embed shard, the keys whose image (caption) embedding scores above a threshold with any image
-(caption) of an evaluation split, with the split and the score. The index leaves them out of the
-memory and pack leaves them out of training, so an evaluation set never leaks into either
-(the paper's §3.4 guard, applied at training time as well as at retrieval time).
+(caption) of an evaluation split, with the split and the score. Tokenize leaves them out, so they
+are neither main nor retrieved documents in training, nor documents of the memory's token store;
+the index still holds their vectors, and evaluation's leakage guard (the same rule) never returns
+them for an evaluation query (the paper's §3.4 guard, applied at training time too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.retrieval.encoders import EncoderCache, embed_encoder
 from storage.coco import coco_ref, load_coco
 from storage.fs import DataRoot
-from storage.manifest import list_manifests, read_manifest, upstream_ref
+from storage.manifest import list_manifests, upstream_ref
 
 log = logging.getLogger(__name__)
 QUERY_CHUNK = 256  # evaluation vectors scored against a shard at once: (chunk, shard rows) floats
@@ -142,9 +143,3 @@ def excluded_keys(root: DataRoot) -> tuple[set[str], dict[str, int]]:
             per_split[s] = per_split.get(s, 0) + int(n)
     return keys, per_split
 
-
-def decontaminate_ref(root: DataRoot) -> tuple:
-    """Input refs of every decontaminate shard, for the stages that drop its keys (index, pack)."""
-    return tuple(upstream_ref(root, "decontaminate", m.shard_id)
-                 for m in list_manifests(root, "decontaminate")
-                 if read_manifest(root, "decontaminate", m.shard_id) is not None)

@@ -1,5 +1,5 @@
-"""The built FAISS index as a library: load it memory-mapped once per process, search all of its
-parts as one index, reconstruct stored vectors."""
+"""The built FAISS index as a library: load it and its memory store memory-mapped once per
+process, search all of its parts as one index, read candidates' vectors and keys by id."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipelines.retrieval.memory_store import STORE_FILES, MemoryStore, open_store
 from storage.fs import DataRoot
 from storage.manifest import Manifest, read_manifest
 
@@ -115,14 +115,9 @@ class ShardedIndex:
     """Sub-indexes searched as one. Row ids are positions in the one-index order (the key map's)."""
 
     def __init__(self, parts: list[Any], rows: list[np.ndarray]):
-        self.parts, self.rows = parts, rows  # rows[p][local id] = row id
+        self.parts, self.rows = parts, rows  # rows[p][local id] = row id (memory-mapped on load)
         self.ntotal = int(sum(p.ntotal for p in parts))
         self.d = int(parts[0].d)
-        self.part_of = np.empty(self.ntotal, np.int32)
-        self.local_of = np.empty(self.ntotal, np.int64)
-        for p, r in enumerate(rows):
-            self.part_of[r] = p
-            self.local_of[r] = np.arange(len(r))
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = [], []
@@ -133,6 +128,14 @@ class ShardedIndex:
         return merge_topk(scores, ids, k)
 
     def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors by row id. Builds an (N,) part/local map on first use: callers that
+        hold a memory store read vectors from it instead (LoadedIndex.reconstruct)."""
+        if not hasattr(self, "part_of"):
+            self.part_of = np.empty(self.ntotal, np.int32)
+            self.local_of = np.empty(self.ntotal, np.int64)
+            for p, r in enumerate(self.rows):
+                self.part_of[r] = p
+                self.local_of[r] = np.arange(len(r))
         out = np.empty((len(ids), self.d), np.float32)
         for p, part in enumerate(self.parts):
             m = self.part_of[ids] == p
@@ -146,14 +149,15 @@ class ShardedIndex:
 
 @dataclass
 class LoadedIndex:
-    """A built index with its key map and the identity of the encoder that fills it."""
+    """A built index with its memory store and the identity of the encoder that fills it."""
 
     index: Any  # searched: a faiss.Index (GPU copy when available) or a ShardedIndex
-    cpu: Any  # reconstructs stored vectors
-    keys: np.ndarray  # (N,) str, row id -> document key
-    sha256: np.ndarray  # (N,) str, row id -> image sha256 ('' when unknown)
+    cpu: Any  # the CPU index (reconstructs stored vectors when there is no store)
+    keys: Any  # row ids -> document keys: store.key_col (mapped) or an (N,) object array
+    sha256: Any  # row ids -> image sha256 hex ('' when unknown), like keys
     encoder: dict[str, Any]
     digest: str  # the index shard's output digest (lineage of what searched it)
+    store: MemoryStore | None = None  # the mapped memory; None for an index built in memory
 
     @property
     def dim(self) -> int:
@@ -175,9 +179,12 @@ class LoadedIndex:
         return search_ties_by_id(self.index, q, k)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), D) stored vectors (exact for Flat/HNSW, decoded codes for PQ)."""
+        """(len(ids), D) document embeddings: read from the store's mapped copy (exact for every
+        index type, no per-process IVF direct map); without a store, what the index stores."""
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
+        if self.store is not None:
+            return self.store.vectors(ids)
         return self.cpu.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
 
@@ -209,27 +216,26 @@ def local_file(root: DataRoot, path: str, digest: str) -> str:
     return dest
 
 
+def memory(root: DataRoot, m: Manifest, parts: int) -> MemoryStore:
+    """The index's mapped memory store; refuses an index built before there was one."""
+    missing = [f for f in STORE_FILES if root.rel(root.artifact("index", "main", f)) not in m.outputs]
+    if missing:
+        raise FileNotFoundError(
+            f"the index was built by an older racm3 without the mapped memory store (no "
+            f"index/main.{missing[0]}): re-run `racm3 run index`")
+    return open_store(root, lambda s: root.artifact("index", "main", s), parts)
+
+
 def _load(root: DataRoot, m: Manifest, use_gpu: bool) -> LoadedIndex:
     parts = int(m.metrics.get("parts", 1))
     factory = str(m.metrics.get("factory", ""))
+    store = memory(root, m, parts)
     cpus = []
     for suffix in part_suffixes(parts):
         path = root.artifact("index", "main", suffix)
-        idx = read_index_file(local_file(root, path, m.outputs.get(root.rel(path), "")), factory)
-        try:
-            faiss.extract_index_ivf(idx).make_direct_map()
-        except RuntimeError:
-            pass  # not an IVF index: reconstruct works as is
-        cpus.append(idx)
-    with root.fs.open(root.artifact("index", "main", "keys.parquet"), "rb") as f:
-        km = pq.read_table(f)
-    keys = np.asarray(km["key"].to_pylist(), dtype=object)
-    sha = np.asarray([s or "" for s in km["sha256"].to_pylist()], dtype=object)
-    if parts == 1:
-        cpu: Any = cpus[0]
-    else:
-        owner = km["part"].to_numpy()
-        cpu = ShardedIndex(cpus, [np.flatnonzero(owner == p) for p in range(parts)])
+        cpus.append(read_index_file(local_file(root, path, m.outputs.get(root.rel(path), "")),
+                                    factory))
+    cpu: Any = cpus[0] if parts == 1 else ShardedIndex(cpus, store.part_rows)
     sp = m.metrics.get("search_params", {})
     set_search_params(cpu, sp.get("nprobe", 1), sp.get("ef_search", 16))
     searched = cpu
@@ -238,7 +244,8 @@ def _load(root: DataRoot, m: Manifest, use_gpu: bool) -> LoadedIndex:
             searched = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, cpu)
         except RuntimeError:
             searched = cpu
-    return LoadedIndex(searched, cpu, keys, sha, m.metrics["encoder"], m.output_digest)
+    return LoadedIndex(searched, cpu, store.key_col, store.sha256_col, m.metrics["encoder"],
+                       m.output_digest, store)
 
 
 _LOADED: dict[tuple[str, bool], LoadedIndex] = {}  # one index per root in this process
@@ -246,7 +253,7 @@ _LOCK = threading.Lock()
 
 
 def load_index(root: DataRoot, use_gpu: bool = True) -> LoadedIndex:
-    """The index stage's output, ready to search and reconstruct (IVF gets a direct map).
+    """The index stage's output and its mapped memory store, ready to search.
 
     Loaded once per process and data root (threads of a Beam worker share it) and reloaded
     only when the index's digest changes.

@@ -36,6 +36,7 @@ from pipelines.retrieval.index_build import (
     training_sample,
     write_index,
 )
+from pipelines.retrieval.memory_store import MemoryWriter, rows_file
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, read_manifest, upstream_ref
 from storage.shards import read_table
@@ -103,23 +104,52 @@ def common_encoder(root: DataRoot, shard_ids: list[str]) -> dict[str, Any]:
     return next(iter(seen.values()))
 
 
-def write_key_map(ctx: ShardContext, paths: Sequence[str], parts: int) -> tuple[list[int], str]:
-    """Stream key, sha256 (and the owning sub-index) into main.keys.parquet, one shard at a time;
-    returns (rows per part, the temp path written)."""
+def shard_captions(root: DataRoot, embed_shard: str, keys: list[str]) -> list[str]:
+    """Captions of `keys` from the download shard the embed shard was made from ('' where there
+    is none, e.g. embed shards written without a download stage)."""
+    m = read_manifest(root, "embed", embed_shard)
+    src = [i for i in (m.inputs if m else []) if i.stage == "download"]
+    if not src:
+        return [""] * len(keys)
+    t = read_table(root, root.artifact("download", src[0].shard_id, "parquet"), ["key", "caption"])
+    by_key = dict(zip(t["key"].to_pylist(), t["caption"].to_pylist(), strict=True))
+    return [by_key.get(k) or "" for k in keys]
+
+
+def write_memory(ctx: ShardContext, paths: Sequence[str], n: int, d: int,
+                 parts: int) -> tuple[list[int], list[str]]:
+    """Stream the memory store (memory_store.py) and main.keys.parquet (key, sha256, part: for
+    people and DuckDB) one embedding shard at a time; returns (rows per part, the temp paths of
+    the per-part row-id files)."""
     counts = np.zeros(parts, np.int64)
     schema = pa.schema([("key", pa.string()), ("sha256", pa.string())]
                        + ([("part", pa.int32())] if parts > 1 else []))
-    tmp = ctx.output_path("keys.parquet")
-    with ctx.root.fs.open(tmp, "wb") as f, \
+    with ctx.root.fs.open(paths[0], "rb") as f:
+        vec = pq.ParquetFile(f).schema_arrow.field("doc_emb").type.value_type
+    tmp: dict[str, str] = {}
+
+    def open_out(suffix: str) -> Any:
+        tmp[suffix] = ctx.output_path(suffix)
+        return ctx.root.fs.open(tmp[suffix], "wb")
+
+    store = MemoryWriter(open_out, n, d, np.float16 if vec == pa.float16() else np.float32, parts)
+    with ctx.root.fs.open(ctx.output_path("keys.parquet"), "wb") as f, \
             pq.ParquetWriter(f, schema) as w:
-        for p in paths:
-            t = read_table(ctx.root, p, ["key", "sha256"])
-            owner = part_of(t["key"].to_pylist(), parts)
+        for i, p in enumerate(paths):
+            t = read_table(ctx.root, p, ["key", "sha256", "doc_emb"])
+            keys = t["key"].to_pylist()
+            owner = part_of(keys, parts)
             counts += np.bincount(owner, minlength=parts)
+            store.add(keys, t["sha256"].to_pylist(),
+                      shard_captions(ctx.root, ctx.spec.inputs[i].shard_id, keys),
+                      t["doc_emb"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                      .reshape(len(keys), d), owner)
+            t = t.select(["key", "sha256"])
             if parts > 1:
                 t = t.append_column("part", pa.array(owner, pa.int32()))
             w.write_table(t.cast(schema))
-    return [int(c) for c in counts], tmp
+    store.close()
+    return [int(c) for c in counts], [tmp[rows_file(p)] for p in range(parts) if parts > 1]
 
 
 def trained_template(root: DataRoot, paths: Sequence[str], counts: Sequence[int], d: int,
@@ -154,15 +184,15 @@ def build_one(blob: bytes, root: DataRoot, paths: Sequence[str], n: int, out: st
 
 
 class IndexStage(Stage):
-    """One artifact shard `main`: the index file(s), main.keys.parquet, manifest with encoder,
-    sizes and recall.
+    """One artifact shard `main`: the index file(s), the mapped memory store, main.keys.parquet,
+    manifest with encoder, sizes and recall.
 
     Sub-indexes are artifacts of this one shard rather than shards of their own: retrieve and
     evaluate need the whole index or none, so the index commits (and is fingerprinted) as one.
     """
 
     name = "index"
-    version = "2"
+    version = "3"  # 3: the mapped memory store (memory_store.py) beside the index
     config = IndexConfig
     description = "FAISS inner-product index over document embeddings + key map"
 
@@ -178,7 +208,7 @@ class IndexStage(Stage):
         paths = [ctx.input_path(i) for i in range(len(ctx.spec.inputs))]
         counts = row_counts(ctx.root, paths)
         n, d = sum(counts), int(encoder["dim"])
-        part_rows, key_map = write_key_map(ctx, paths, cfg.shards)
+        part_rows, rows = write_memory(ctx, paths, n, d, cfg.shards)
         budget = parse_bytes(cfg.max_memory) if cfg.max_memory else 0
         factory = cfg.factory or choose_factory(n, d, budget, cfg.train_sample)
         est = estimate_bytes(factory, n, d)
@@ -203,7 +233,7 @@ class IndexStage(Stage):
         # Read back to check it (memory-mapped: no copy on a local root); a Flat index on an
         # object store is not downloaded again just for that.
         local_or_trained = ctx.root.is_local or factory != "Flat"
-        searched = reopen(ctx.root, outs, key_map, factory) if local_or_trained else None
+        searched = reopen(ctx.root, outs, rows, factory) if local_or_trained else None
         if searched is not None and searched.ntotal != n:
             raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
         metrics = {"encoder": encoder, "dim": d, "ntotal": n, "factory": factory,
@@ -220,14 +250,16 @@ class IndexStage(Stage):
         return ShardResult(rows_in=n, rows_out=n, metrics=metrics)
 
 
-def reopen(root: DataRoot, outs: list[str], key_map: str, factory: str) -> Any:
+def reopen(root: DataRoot, outs: list[str], rows: list[str], factory: str) -> Any:
     """The written index read back as retrieve will see it (memory-mapped on local roots)."""
     parts = [read_built(root, p, factory) for p in outs]
     if len(parts) == 1:
         return parts[0]
-    with root.fs.open(key_map, "rb") as f:
-        owner = pq.read_table(f, columns=["part"])["part"].to_numpy()
-    return ShardedIndex(parts, [np.flatnonzero(owner == p) for p in range(len(parts))])
+    ids = []
+    for r in rows:  # the stage's temp files: read once for the recall check
+        with root.fs.open(r, "rb") as f:
+            ids.append(np.frombuffer(f.read(), np.int64))
+    return ShardedIndex(parts, ids)
 
 
 def read_built(root: DataRoot, path: str, factory: str) -> Any:

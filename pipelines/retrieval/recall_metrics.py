@@ -64,3 +64,21 @@ def table4(encoder: DocEncoder, split: CocoSplit, ks: tuple[int, ...] = (1, 3, 5
     out["chance"] = {f"R@{k}": round(100.0 * min(k, m) / m, 2) for k in ks}
     out["n_images"], out["n_text_queries"] = m, int(len(query))
     return out
+
+
+def entity_hit_rates(ids: np.ndarray, mem_entity: np.ndarray, query_entity: np.ndarray,
+                     ks: tuple[int, ...]) -> dict[str, float]:
+    """Same-entity hit rates of ranked neighbours: `rank r` = % of queries whose r-th neighbour
+    (r = 1, 2) shows the query's entity (what RA-CM3 reads with K = r documents); `R@k` = % with
+    one in the top k. ids (Q, >= max(ks, 2)) memory rows in rank order (-1 = none), mem_entity
+    (M,) and query_entity (Q,) entity labels ("" or None never matches)."""
+    known = np.asarray([e not in ("", None) for e in mem_entity], bool)
+    ent = np.asarray(mem_entity, dtype=object)
+    valid = ids >= 0
+    safe = np.where(valid, ids, 0)
+    hits = valid & known[safe] & (ent[safe] == np.asarray(query_entity, dtype=object)[:, None])
+    n = max(len(ids), 1)
+    out = {f"rank {r}": round(100.0 * float(hits[:, r - 1].sum()) / n, 2)
+           for r in (1, 2) if hits.shape[1] >= r}
+    out |= {f"R@{k}": round(100.0 * float(hits[:, :k].any(axis=1).sum()) / n, 2) for k in ks}
+    return out

@@ -1,13 +1,12 @@
-"""Neighbour search with the paper's redundancy rules (§3.2), shared by retrieve and evaluate.
+"""Neighbour search with the paper's redundancy rules (§3.2), shared by retrieve and inference.
 
-`cfg` arguments are the retrieve section (`RetrieveConfig`): top_n, k_max, query_sim_threshold,
-redundancy_threshold, use_gpu.
+The rule is the retrieve section's search fields (`SearchRule`; `RetrieveConfig` has them too).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,6 +17,37 @@ from storage.fs import DataRoot
 
 SKIPS = ("self", "duplicate", "query_sim", "redundant")
 
+
+class SearchSettings(Protocol):
+    """The fields a search reads (`RetrieveConfig` and `SearchRule` both have them)."""
+
+    @property
+    def top_n(self) -> int: ...
+    @property
+    def k_max(self) -> int: ...
+    @property
+    def query_sim_threshold(self) -> float: ...
+    @property
+    def redundancy_threshold(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class SearchRule:
+    """The redundancy rule of one search: candidates fetched, neighbours kept, skip thresholds
+    (the meaning and defaults of each field are `RetrieveConfig`'s)."""
+
+    top_n: int
+    k_max: int
+    query_sim_threshold: float
+    redundancy_threshold: float
+
+    @classmethod
+    def of(cls, cfg: SearchSettings) -> SearchRule:
+        return cls(cfg.top_n, cfg.k_max, cfg.query_sim_threshold, cfg.redundancy_threshold)
+
+    def keeping(self, k: int) -> SearchRule:
+        """The same rule keeping k neighbours (fetching at least k + 1 candidates)."""
+        return replace(self, k_max=k, top_n=max(self.top_n, k + 1))
 
 
 @dataclass
@@ -68,7 +98,7 @@ def select_neighbors(scores: np.ndarray, cand: np.ndarray, valid: np.ndarray, is
 
 
 def search_and_select(index: LoadedIndex, vecs: np.ndarray, keys: np.ndarray, sha: np.ndarray,
-                      cfg: Any) -> tuple[Selection, np.ndarray, np.ndarray]:
+                      cfg: SearchSettings) -> tuple[Selection, np.ndarray, np.ndarray]:
     """(selection, scores (Q, N), ids (Q, N)) for query vectors of documents keys/sha (Q,)."""
     n = min(cfg.top_n, index.cpu.ntotal)
     scores, ids = index.search(vecs, n)
@@ -85,14 +115,14 @@ def search_and_select(index: LoadedIndex, vecs: np.ndarray, keys: np.ndarray, sh
 
 
 class Retriever:
-    """Retrieval at inference (evaluate): encode a caption or an image, search, avoid redundancy.
+    """Retrieval at inference: encode a caption or an image, search, avoid redundancy.
 
     Uses the encoder the index was built with, so queries and memory always match.
     """
 
-    def __init__(self, root: DataRoot, cfg: Any, device: str = "cpu"):
-        self.cfg = cfg
-        self.index = load_index(root, self.cfg.use_gpu)
+    def __init__(self, root: DataRoot, rule: SearchRule, device: str = "cpu", use_gpu: bool = False):
+        self.rule = rule
+        self.index = load_index(root, use_gpu)
         enc = index_encoder(root)
         self.encoder = DocEncoder.load(enc["model"], root.local_copy(root.resolve(enc["checkpoint"])),
                                        enc["fingerprint"], device)
@@ -100,10 +130,10 @@ class Retriever:
 
     def _select(self, vecs: np.ndarray, keys: list[str] | None,
                 k: int | None) -> list[tuple[list[str], list[float]]]:
-        cfg = self.cfg if k is None else replace(self.cfg, k_max=k, top_n=max(self.cfg.top_n, k + 1))
+        rule = self.rule if k is None else self.rule.keeping(k)
         q_keys = np.asarray(keys if keys is not None else [""] * len(vecs), dtype=object)
         sel, scores, ids = search_and_select(self.index, vecs, q_keys,
-                                             np.full(len(vecs), "", dtype=object), cfg)
+                                             np.full(len(vecs), "", dtype=object), rule)
         out = []
         for r in range(len(vecs)):
             pos = sel.kept[r][sel.kept[r] >= 0]

@@ -123,7 +123,12 @@ class TokenizeStage(Stage):
         models = self.model_inputs(root, cfg) if ids else ()
         if ids:
             load_vqgan(root, cfg)  # a bad checkpoint or yaml stops here (exit 2), before any shard
-        return [ShardSpec(self.name, sid, (upstream_ref(root, "download", sid), *models)) for sid in ids]
+        # decontaminate (when it has run) names the documents that copy an evaluation set: they
+        # are left out of the tokens, hence out of training and of the memory's documents
+        clean = {m.shard_id: (upstream_ref(root, "decontaminate", m.shard_id),)
+                 for m in list_manifests(root, "decontaminate")}
+        return [ShardSpec(self.name, sid, (upstream_ref(root, "download", sid), *models,
+                                           *clean.get(sid, ()))) for sid in ids]
 
     def model_inputs(self, root: DataRoot, cfg: TokenizeConfig) -> tuple[InputRef, ...]:
         """The weights as inputs, so new weights re-tokenize every shard (tokens never mix)."""
@@ -145,15 +150,36 @@ class TokenizeStage(Stage):
     def run_shard(self, ctx: ShardContext, resources: WorkerModels | None) -> ShardResult:
         tok = (resources or WorkerModels()).get(ctx.root, ctx.cfg)
         t = ctx.read_input(0, ["key", "caption", "status", "jpg"]).to_pydict()
+        n_in = len(t["key"])
+        t, by_split = without_contaminated(ctx, t)
         table, dropped, metrics = tokenize_table(t, tok, ctx.cfg)
+        if any(r.stage == "decontaminate" for r in ctx.spec.inputs):
+            if n_in > len(t["key"]):
+                dropped["decontaminated"] = n_in - len(t["key"])
+            metrics["decontaminated_by_split"] = by_split
         ctx.write_table(table)
         metrics |= {"codebook": tok.codebook, "text_tokenizer": tok.text_fp,
                     "n_text": tok.text.vocab_size, "n_image": tok.vqgan.cfg.n_embed,
                     "grid": ctx.cfg.grid, "image_size": ctx.cfg.image_size,
                     "vocab": tok.vocab().fingerprint()}
-        return ShardResult(rows_in=len(t["key"]), rows_out=table.num_rows, dropped=dropped,
+        return ShardResult(rows_in=n_in, rows_out=table.num_rows, dropped=dropped,
                            metrics=metrics)
 
+
+def without_contaminated(ctx: ShardContext, t: dict[str, list]) -> tuple[dict[str, list],
+                                                                         dict[str, int]]:
+    """The download rows minus those the decontaminate input names; dropped counts per split."""
+    refs = [i for i, r in enumerate(ctx.spec.inputs) if r.stage == "decontaminate"]
+    if not refs:
+        return t, {}
+    bad = ctx.read_input(refs[0], ["key", "split"]).to_pydict()
+    by_key = dict(zip(bad["key"], bad["split"], strict=True))
+    keep = [k not in by_key for k in t["key"]]
+    by_split: dict[str, int] = {}
+    for k in t["key"]:
+        if k in by_key:
+            by_split[by_key[k]] = by_split.get(by_key[k], 0) + 1
+    return {c: [v for v, ok in zip(vals, keep, strict=True) if ok] for c, vals in t.items()}, by_split
 
 def external_ref(path: str, field: str) -> InputRef:
     from storage.fs import open_url

@@ -4,6 +4,8 @@ One output part (a few files) per input shard (layout and id scheme in
 `pipelines.training.token_store`):
 `t-<id>` from tokenize shard <id> (its only input, so a new token shard packs alone) and
 `n-<id>` from retrieve shard <id> plus every tokenize shard (global ids depend on all of them).
+The key -> id index over every tokenize shard is built once per run (per worker) and shared
+by all neighbour parts of that run, so pack's work grows with the corpus, not its square.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,6 +26,7 @@ from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.training.lineage import NEIGHBOUR_LINEAGE, TOKEN_LINEAGE, shard_lineage
 from pipelines.training.token_store import (
     STAGE,
+    KeyIndex,
     fixed_width,
     neighbour_part_id,
     token_part_id,
@@ -64,10 +68,13 @@ class PackStage(Stage):
                                    (upstream_ref(root, "retrieve", i), *tok_refs)))
         return specs
 
+    def load(self, cfg: PackConfig) -> KeyIndexCache:
+        return KeyIndexCache()
+
     def run_shard(self, ctx: ShardContext, resources: Any) -> ShardResult:
         if ctx.spec.shard_id.startswith("t-"):
             return self.pack_tokens(ctx)
-        return self.pack_neighbours(ctx)
+        return self.pack_neighbours(ctx, resources or KeyIndexCache())
 
     def pack_tokens(self, ctx: ShardContext) -> ShardResult:
         ref = ctx.spec.inputs[0]
@@ -81,29 +88,43 @@ class PackStage(Stage):
         return ShardResult(rows_in=table.num_rows, rows_out=stats["docs"],
                            metrics={**lineage, **stats, "token_shard": ref.shard_id})
 
-    def pack_neighbours(self, ctx: ShardContext) -> ShardResult:
+    def pack_neighbours(self, ctx: ShardContext, cache: KeyIndexCache) -> ShardResult:
         ref = ctx.spec.inputs[0]
         m = read_manifest(ctx.root, "retrieve", ref.shard_id)
         assert m is not None
         lineage = shard_lineage(m, NEIGHBOUR_LINEAGE)
         table = ctx.read_input(0, ["key", "query", "variant", "neighbor_keys"])
-        layout: list[list[Any]] = []
+        index = cache.get(ctx)
         with built(ctx) as out_dir:
-            stats = write_neighbour_part(table, token_keys(ctx, layout), out_dir)
+            stats = write_neighbour_part(table, index, out_dir)
         dropped = {k: stats[k] for k in ("rows_without_tokens",) if stats[k]}
+        # layout: what the ids were resolved against ([token shard id, documents] per part)
         return ShardResult(rows_in=table.num_rows, rows_out=stats["rows"], dropped=dropped,
-                           metrics={**lineage, **stats, "token_parts": layout})
+                           metrics={**lineage, **stats, "token_parts": index.layout})
 
 
-def token_keys(ctx: ShardContext, layout: list[list[Any]]) -> Iterator[tuple[int, np.ndarray]]:
-    """(global id offset, keys in row order) per tokenize input, one shard in memory at a time;
-    appends [shard id, documents] to `layout` as it goes (what the ids were resolved against)."""
-    offset = 0
+class KeyIndexCache:
+    """Per-worker resources of pack: the KeyIndex of the tokenize inputs (by path and digest),
+    built by the first neighbour part that needs it; the others of the run reuse it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # shards run on threads: one build, the rest wait for it
+        self.key: tuple[Any, ...] | None = None
+        self.index: KeyIndex | None = None
+
+    def get(self, ctx: ShardContext) -> KeyIndex:
+        key = (ctx.root.uri, *((r.path, r.digest) for r in ctx.spec.inputs[1:]))
+        with self.lock:
+            if self.index is None or self.key != key:
+                self.index, self.key = KeyIndex.build(token_keys(ctx)), key
+            return self.index
+
+
+def token_keys(ctx: ShardContext) -> Iterator[tuple[str, np.ndarray]]:
+    """(token shard id, keys in row order) per tokenize input, in input (global id) order."""
     for i, ref in enumerate(ctx.spec.inputs[1:], start=1):
         keys = read_table(ctx.root, ctx.input_path(i), ["key"]).column("key").to_pylist()
-        layout.append([ref.shard_id, len(keys)])
-        yield offset, fixed_width(keys)
-        offset += len(keys)
+        yield ref.shard_id, fixed_width(keys)
 
 
 class built:

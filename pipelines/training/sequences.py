@@ -2,17 +2,16 @@
 CM3 causal masking of x, packing to a fixed length, per-token loss weights, roles and positions.
 
 Pure functions do the work (draw, mask, assemble, pack); `SequenceStream` is the torch
-IterableDataset that chains them; `load_corpus` reads token and neighbour shards and refuses
-mixed lineage (another codebook, another index) before any training starts.
+IterableDataset that chains them. They read documents through `DocSource`, which the token store
+of stage `pack` implements (`pipelines.training.token_store.open_store`, refusing mixed lineage
+before any training starts); `load_tokens` reads the token shards themselves (the memory).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
@@ -20,30 +19,27 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from model.document import EOS, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
+from model.cm3.format import mask_spans
+from model.document import IMG_SRC, PAD, Vocab, sequence_positions
 
 # Lineage helpers live in a torch-free module; re-exported here, where callers import them from.
 from pipelines.training.lineage import (  # noqa: F401
-    NEIGHBOUR_LINEAGE,
-    QUERIES,
     TOKEN_LINEAGE,
     LineageError,
     check_pins,
     same_lineage,
-    shard_lineage,
 )
 from storage.fs import DataRoot
 from storage.manifest import list_manifests
 from storage.shards import read_table
-
-log = logging.getLogger(__name__)
 
 ROLE_PAD, ROLE_RETRIEVED, ROLE_MAIN = 0, 1, 2  # per-token role in a packed sequence
 
 
 @dataclass(frozen=True)
 class AssemblyConfig:
-    """How sequences are built; `pipelines.training.train.TrainConfig` carries these fields."""
+    """How sequences are built: the [train] section's data-assembly fields (`TrainConfig`
+    inherits them, so each is declared, defaulted and documented here only)."""
 
     seq_len: int = 512  # tokens per packed sequence
     k_max: int = 2  # K ~ Uniform{0..k_max} retrieved documents per main document; 0 = vanilla CM3
@@ -56,55 +52,8 @@ class AssemblyConfig:
     caption_dropout: float = 0.0  # share of main documents with the caption dropped (guidance); 0 = paper
 
 
-@dataclass
-class Corpus:
-    """Every main document's ids, keyed, plus its neighbour lists and the lineage they come from."""
-
-    vocab: Vocab
-    docs: dict[str, np.ndarray]  # key -> encoded document ids (int32, ends with <eos>)
-    neighbours: dict[str, dict[tuple[str, int], list[str]]] = field(default_factory=dict)
-    lineage: dict[str, Any] = field(default_factory=dict)  # codebook, text_tokenizer, index, ...
-    held_out: frozenset[str] = frozenset()  # never trained on, as main or as retrieved document
-    _train_keys: list[str] | None = field(default=None, repr=False)
-
-    _all_keys: list[str] | None = field(default=None, repr=False)
-
-    def train_keys(self) -> list[str]:
-        """Sorted keys of the documents training may use."""
-        if self._train_keys is None or len(self._train_keys) + len(self.held_out) < len(self.docs):
-            self._train_keys = sorted(k for k in self.docs if k not in self.held_out)
-        return self._train_keys
-
-    # The DocSource interface (also implemented by token_store.StoreCorpus, by integer id).
-    def n_items(self) -> int:
-        return len(self.docs)
-
-    def item(self, i: int) -> str:
-        if self._all_keys is None or len(self._all_keys) != len(self.docs):
-            self._all_keys = sorted(self.docs)
-        return self._all_keys[i]
-
-    def doc(self, h: str) -> np.ndarray:
-        return self.docs[h]
-
-    def has_doc(self, h: str) -> bool:
-        return h in self.docs
-
-    def is_held(self, h: str) -> bool:
-        return h in self.held_out
-
-    def label(self, h: str) -> str:
-        return h
-
-    def neighbour_lists(self, h: str) -> dict[tuple[str, int], list[str]] | None:
-        return self.neighbours.get(h)
-
-    def longest(self) -> int:
-        return max(map(len, self.docs.values()))
-
-
 class DocSource(Protocol):
-    """What sequence assembly reads: documents by handle (a key, or a token-store integer id)."""
+    """What sequence assembly reads: documents by handle (`token_store.StoreCorpus`: integer ids)."""
 
     vocab: Vocab
     lineage: dict[str, Any]
@@ -117,14 +66,6 @@ class DocSource(Protocol):
     def label(self, h: Any) -> str: ...
     def neighbour_lists(self, h: Any) -> dict[tuple[str, int], list[Any]] | None: ...
     def longest(self) -> int: ...
-
-
-def is_held_out(key: str, fraction: float) -> bool:
-    """A stable pseudo-random split by key: the same keys are held out in every run."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
 
 
 @dataclass
@@ -199,20 +140,6 @@ def draw_spans(rng: np.random.Generator, n: int, max_spans: int,
     longest = max(1, int(n * max_span_frac))
     ends = np.append(starts[1:], n)
     return [(int(s), int(min(s + rng.integers(1, longest + 1), e))) for s, e in zip(starts, ends, strict=True)]
-
-
-def mask_spans(doc: np.ndarray, spans: list[tuple[int, int]], vocab: Vocab) -> np.ndarray:
-    """CM3 infilling form of one document (spans index the document without its leading
-    `<img alt="` and trailing <eos>): spans become <mask:i>, and `<infill> <mask:0> span0 ...
-    <eos>` follows, so the model learns to fill them in from both sides (§3.1)."""
-    body = doc[1:-1]  # spans never touch the document's first token or its <eos>
-    kept, tail, last = [doc[:1]], [np.array([INFILL])], 0
-    for i, (s, e) in enumerate(spans):
-        kept += [body[last:s], np.array([vocab.mask(i)])]
-        tail += [np.array([vocab.mask(i)]), body[s:e]]
-        last = e
-    kept.append(body[last:])
-    return np.concatenate(kept + tail + [np.array([EOS])]).astype(doc.dtype)
 
 
 def maybe_drop_caption(rng: np.random.Generator, doc: np.ndarray, cfg: AssemblyConfig) -> np.ndarray:
@@ -321,15 +248,6 @@ class Packer:
         if not buf:  # a unit longer than seq_len: fit_unit prevents it, refuse loudly otherwise
             raise ValueError(f"unit of {len(self.pool[0])} tokens exceeds seq_len {self.seq_len}")
         return finish(buf, self.seq_len, self.counts)
-
-
-def pack(units: Iterable[Unit], seq_len: int, counts: Counter,
-         lookahead: int = 16) -> Iterator[dict[str, Any]]:
-    """Pack an iterable of units (see `Packer`)."""
-    it = iter(units)
-    packer = Packer(lambda: next(it, None), seq_len, counts, lookahead)
-    while (seq := packer.next()) is not None:
-        yield seq
 
 
 def finish(units: list[Unit], seq_len: int, counts: Counter) -> dict[str, Any]:
@@ -456,12 +374,6 @@ def stream_position() -> tuple[int, int, int, int]:
     return worker, n_workers, 0, 1
 
 
-def shard_of_stream() -> tuple[int, int]:
-    """(this reader's index, number of readers) over DDP ranks x loader workers."""
-    worker, n_workers, rank, world = stream_position()
-    return rank * n_workers + worker, world * n_workers
-
-
 def modality_table(vocab: Vocab) -> np.ndarray:
     """Lookup id -> modality (0 special, 1 text, 2 image), so per-token lookups are one gather."""
     return vocab.modality(np.arange(vocab.size)).astype(np.int8)
@@ -495,43 +407,6 @@ def load_tokens(root: DataRoot) -> tuple[Vocab, dict[str, np.ndarray], dict[str,
         for key, cap, img in zip(t["key"], t["caption_ids"], t["image_codes"], strict=True):
             docs[key] = np.asarray(vocab.encode(cap, img), dtype=np.int32)
     return vocab, docs, {**lineage, "vocab": vocab.fingerprint(), "token_shards": len(manifests)}
-
-
-def load_neighbours(root: DataRoot) -> tuple[dict[str, dict[tuple[str, int], list[str]]],
-                                             dict[str, Any]]:
-    """key -> {(query, variant): neighbour keys best first}, and the neighbours' shared lineage."""
-    manifests = sorted(list_manifests(root, "retrieve"), key=lambda m: m.shard_id)
-    if not manifests:
-        raise FileNotFoundError("no neighbour shards under retrieve/: run `racm3 run retrieve` "
-                                "first, or train the vanilla variant (train.variant=vanilla)")
-    lineage = same_lineage(manifests, NEIGHBOUR_LINEAGE)
-    table: dict[str, dict[tuple[str, int], list[str]]] = {}
-    for m in manifests:
-        t = read_table(root, root.artifact("retrieve", m.shard_id, "parquet"),
-                       ["key", "query", "variant", "neighbor_keys"]).to_pydict()
-        for key, q, v, nks in zip(t["key"], t["query"], t["variant"], t["neighbor_keys"], strict=True):
-            table.setdefault(key, {})[(q, int(v))] = list(nks)
-    return table, {**lineage, "neighbour_shards": len(manifests)}
-
-
-def load_corpus(root: DataRoot, with_neighbours: bool, pins: dict[str, str] | None = None,
-                holdout_fraction: float = 0.0) -> Corpus:
-    """Token documents (+ neighbour lists), refusing mismatched lineage before training starts;
-    a stable `holdout_fraction` of the documents is set aside for held-out perplexity."""
-    vocab, docs, lineage = load_tokens(root)
-    neighbours: dict[str, dict[tuple[str, int], list[str]]] = {}
-    if with_neighbours:
-        neighbours, n_lineage = load_neighbours(root)
-        lineage.update(n_lineage)
-        missing = sum(1 for k in neighbours if k not in docs)
-        lineage["neighbour_rows_without_tokens"] = missing
-    check_pins(lineage, pins or {})
-    held_out = frozenset(k for k in docs if is_held_out(k, holdout_fraction))
-    lineage["held_out_docs"] = len(held_out)
-    log.info("corpus: %d documents (%d held out), %d with neighbours, vocab %d", len(docs),
-             len(held_out), len(neighbours), vocab.size)
-    return Corpus(vocab=vocab, docs=docs, neighbours=neighbours, lineage=lineage,
-                  held_out=held_out)
 
 
 def longest_unit(corpus: DocSource, cfg: AssemblyConfig) -> int:

@@ -66,9 +66,14 @@ def neighbour_part_id(shard_id: str) -> str:
 
 
 def key_hash(keys: list[str]) -> np.ndarray:
-    """uint64 of sha1(key)[:8]: `hash / 2**64 < fraction` is sequences.is_held_out exactly."""
+    """uint64 of sha1(key)[:8]: a key is held out when `hash / 2**64 < fraction` (`is_held_out`)."""
     return np.array([int.from_bytes(hashlib.sha1(k.encode()).digest()[:8], "big") for k in keys],
                     dtype=np.uint64)
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """The stable held-out split by key: the same keys are held out in every run."""
+    return fraction > 0 and int(key_hash([key])[0]) / 2**64 < fraction
 
 
 def fixed_width(keys: list[str]) -> np.ndarray:
@@ -98,23 +103,41 @@ def write_token_part(table: pa.Table, vocab: Vocab, out_dir: str) -> dict[str, A
             "max_doc_len": int(lengths.max()) if len(lengths) else 0}
 
 
-def resolve_keys(wanted: np.ndarray, token_keys: Iterable[tuple[int, np.ndarray]]) -> np.ndarray:
-    """Global ids of `wanted` (fixed-width bytes) given (id offset, keys in row order) per token
-    part; -1 where no token part has the key. Memory: one token part's keys at a time."""
-    out = np.full(len(wanted), -1, dtype=np.int64)
-    for offset, keys in token_keys:
-        if not len(keys) or not len(wanted):
-            continue
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        pos = np.searchsorted(sorted_keys, wanted).clip(0, len(sorted_keys) - 1)
-        hit = (sorted_keys[pos] == wanted) & (out < 0)
-        out[hit] = offset + order[pos[hit]]
-    return out
+class KeyIndex:
+    """Every token part's keys, sorted once: key -> global id for all neighbour parts of a run.
+
+    Built once per run (not once per neighbour part), so resolving a neighbour part costs its
+    own rows x log(documents) and adding shards costs what they contain. A key in several rows
+    resolves to its lowest global id (stable sort + leftmost match), as the per-part scan did.
+    Memory: the corpus's keys as fixed-width bytes plus 8 bytes of id each.
+    """
+
+    def __init__(self, sorted_keys: np.ndarray, ids: np.ndarray, layout: list[list[Any]]):
+        self.sorted_keys, self.ids, self.layout = sorted_keys, ids, layout
+
+    @staticmethod
+    def build(parts: Iterable[tuple[str, np.ndarray]]) -> KeyIndex:
+        """(token shard id, keys in row order) per token part, in global id order."""
+        arrays, layout = [], []
+        for shard_id, keys in parts:
+            arrays.append(keys)
+            layout.append([shard_id, len(keys)])
+        keys = np.concatenate(arrays) if arrays else np.zeros(0, "S1")  # widest width wins
+        ids = np.argsort(keys, kind="stable").astype(np.int64)
+        return KeyIndex(keys[ids], ids, layout)
+
+    def resolve(self, wanted: np.ndarray) -> np.ndarray:
+        """Global ids of `wanted` (fixed-width bytes); -1 where no token part has the key."""
+        out = np.full(len(wanted), -1, dtype=np.int64)
+        if not len(self.sorted_keys) or not len(wanted):
+            return out
+        pos = np.searchsorted(self.sorted_keys, wanted).clip(0, len(self.sorted_keys) - 1)
+        hit = self.sorted_keys[pos] == wanted
+        out[hit] = self.ids[pos[hit]]
+        return out
 
 
-def write_neighbour_part(table: pa.Table, token_keys: Iterable[tuple[int, np.ndarray]],
-                         out_dir: str) -> dict[str, Any]:
+def write_neighbour_part(table: pa.Table, index: KeyIndex, out_dir: str) -> dict[str, Any]:
     """Neighbour rows as integer ids, sorted by (document, query, variant), into a local folder."""
     os.makedirs(out_dir, exist_ok=True)
     t = table.to_pydict()
@@ -122,7 +145,7 @@ def write_neighbour_part(table: pa.Table, token_keys: Iterable[tuple[int, np.nda
     flat = [k for n in lists for k in n]
     width = max([len(k.encode()) for k in flat + t["key"]] + [1])
     as_bytes = lambda ks: np.array([k.encode() for k in ks], dtype=f"S{width}")  # noqa: E731
-    ids = resolve_keys(as_bytes(t["key"] + flat), token_keys)  # one pass over the token parts
+    ids = index.resolve(as_bytes(t["key"] + flat))
     doc, nbr = ids[:len(t["key"])], ids[len(t["key"]):]
     query = np.array([QUERIES.index(q) for q in t["query"]], dtype=np.int8)
     variant = np.asarray(t["variant"], dtype=np.int16)
@@ -196,8 +219,8 @@ def parts_layout(manifests: list[Manifest]) -> list[list[Any]]:
 class StoreCorpus:
     """The documents of a token store, by integer id, memory-mapped (see the module docstring).
 
-    Implements what `pipelines.training.sequences` draws from (the same methods as its dict
-    `Corpus`); handles are global document ids. Pickles without its arrays (workers re-open).
+    Implements what `pipelines.training.sequences` draws from (its `DocSource` protocol);
+    handles are global document ids. Pickles without its arrays (workers re-open).
     """
 
     vocab: Vocab

@@ -26,7 +26,7 @@ import posixpath
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import lightning as L
@@ -72,8 +72,10 @@ class NonFiniteLossError(RuntimeError):
 DEFAULT_THREADS = torch.get_num_threads()  # captured at import, before any stage pins threads
 
 @dataclass(frozen=True)
-class TrainConfig(StageConfig):
-    """Section [train]: what to train (variant, model, data assembly) and how (optimizer, devices)."""
+class TrainConfig(StageConfig, AssemblyConfig):
+    """Section [train]: what to train (variant, model) and how (optimizer, devices); the data
+    assembly fields (k_max, alpha, mask_prob, max_spans, max_span_frac, random_neighbours,
+    overlong, caption_dropout) are `AssemblyConfig`'s, declared there once."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"accelerator", "devices", "strategy", "num_workers", "threads", "checkpoint_every",
@@ -87,7 +89,7 @@ class TrainConfig(StageConfig):
     d_model: int = 0  # residual width (0 = the preset's)
     n_head: int = 0  # attention heads (0 = the preset's)
     dropout: float = 0.0  # residual/attention dropout of the decoder
-    seq_len: int = 0  # tokens per packed sequence; 0 = (k_max + 1) longest documents, masked
+    seq_len: int = 0  # tokens per packed sequence; 0 = (k_max + 1) longest documents, masked (AssemblyConfig's, automatic here)
     batch_size: int = 16  # sequences per optimizer step (per device)
     max_steps: int = 600  # optimizer steps; the same for both variants = equal compute
     lr: float = 3e-3  # peak learning rate (paper 1e-4; the demo model wants more)
@@ -95,15 +97,7 @@ class TrainConfig(StageConfig):
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.98  # Adam beta2
     grad_clip: float = 1.0  # gradient norm clipping
-    k_max: int = 2  # retrieved documents per main document ~ U{0..k_max} (ra-cm3 only)
-    alpha: float = 0.1  # weight of the retrieved documents' loss L_retr (Eq. 2); 0 allowed
-    mask_prob: float = 0.5  # probability of CM3 causal masking of a main document
-    max_spans: int = 1  # masked spans per masked document
-    max_span_frac: float = 0.5  # longest masked span as a fraction of the document
-    random_neighbours: bool = False  # ablation: random documents instead of retrieved ones
-    overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
     holdout_fraction: float = 0.0  # documents (stable by key) never trained on, for held-out ppl
-    caption_dropout: float = 0.0  # share of main documents trained without their caption (guidance); 0 = paper
     precision: str = "auto"  # Lightning precision; auto = bf16/fp16 mixed on GPU, fp32 on CPU
     seed: int = 0  # model init and data order
     pin_codebook: str = ""  # refuse token shards from another codebook ("" = no pin)
@@ -169,18 +163,14 @@ class TrainConfig(StageConfig):
     def uses_neighbours(self) -> bool:
         return self.variant == "ra-cm3" and not self.random_neighbours and self.k_max > 0
 
-    def assembly(self, seq_len: int) -> AssemblyConfig:
-        k = self.k_max if self.variant == "ra-cm3" else 0
-        return AssemblyConfig(seq_len=seq_len, k_max=k, alpha=self.alpha, mask_prob=self.mask_prob,
-                              max_spans=self.max_spans, max_span_frac=self.max_span_frac,
-                              random_neighbours=self.random_neighbours, overlong=self.overlong,
-                              caption_dropout=self.caption_dropout)
+    def assembly(self, seq_len: int) -> TrainConfig:
+        """This config as the stream assembles with it: seq_len resolved, K = 0 for vanilla."""
+        return replace(self, seq_len=seq_len, k_max=self.k_max if self.variant == "ra-cm3" else 0)
 
     def resolve_seq_len(self, corpus: DocSource) -> int:
         """Explicit seq_len, or room for k_max + 1 documents (the same for both variants, so
         vanilla packs more main documents into the same tokens per step)."""
-        auto = AssemblyConfig(k_max=self.k_max, max_spans=self.max_spans)
-        return self.seq_len or longest_unit(corpus, auto)
+        return self.seq_len or longest_unit(corpus, self)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -248,15 +238,17 @@ def lr_lambda(warmup: int, total: int):
 class CM3Module(L.LightningModule):
     """The plain decoder plus its objective and optimizer; nothing model-specific lives here."""
 
-    def __init__(self, model_config: dict[str, Any], train: dict[str, Any]):
+    def __init__(self, model_config: TransformerConfig, train: TrainConfig):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = Transformer(TransformerConfig(**model_config))
+        # plain data in the Lightning checkpoint (resume loads it weights-only)
+        self.save_hyperparameters({"model_config": model_config.to_dict(),
+                                   "train": {**train.params(), "ce_chunk": train.ce_chunk}})
+        self.model = Transformer(model_config)
         self.train_cfg = train
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         t = self.train_cfg
-        losses = sequence_losses(self.model, batch, t.get("block_mask", True), t.get("ce_chunk", 0))
+        losses = sequence_losses(self.model, batch, t.block_mask, t.ce_chunk)
         if not torch.isfinite(losses["loss"]):
             raise NonFiniteLossError(
                 f"loss is {losses['loss'].item()} at step {self.global_step}, batch {batch_idx} "
@@ -279,8 +271,8 @@ class CM3Module(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         t = self.train_cfg
-        opt = torch.optim.Adam(self.model.parameters(), lr=t["lr"], betas=(t["beta1"], t["beta2"]))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t["warmup_steps"], t["max_steps"]))
+        opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -374,7 +366,7 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
     # tokenize under `racm3 demo`) pin 1 thread, which would otherwise halve training speed.
     torch.set_num_threads(cfg.threads if cfg.threads > 0 else DEFAULT_THREADS)
     L.seed_everything(cfg.seed, verbose=False)
-    module = CM3Module(mcfg.to_dict(), {**cfg.params(), "ce_chunk": cfg.ce_chunk})
+    module = CM3Module(mcfg, cfg)
     module.model.activation_checkpointing = cfg.activation_checkpointing
     # start_epoch only matters for a checkpoint without stream state (older code)
     stream = SequenceStream(corpus, cfg.assembly(seq_len), seed=cfg.seed, start_epoch=start)
@@ -440,7 +432,17 @@ class TrainStage(Stage):
             raise SystemExit(0)  # commits the model and the manifest, the others just stop
         return ShardResult(rows_in=sum(res.counts[f"k{k}"] for k in range(cfg.k_max + 1)),
                            rows_out=res.steps, dropped=dropped(res.counts),
-                           metrics=run_metrics(res, ctx.root, workdir, cfg.uses_neighbours))
+                           metrics={**run_metrics(res, ctx.root, workdir, cfg.uses_neighbours),
+                                    "decontaminated_by_split": decontaminated(ctx.root)})
+
+
+def decontaminated(root: DataRoot) -> dict[str, int]:
+    """Documents kept out of training because they copy an evaluation set, per set (tokenize)."""
+    out: dict[str, int] = {}
+    for m in list_manifests(root, "tokenize"):
+        for split, n in m.metrics.get("decontaminated_by_split", {}).items():
+            out[split] = out.get(split, 0) + int(n)
+    return out
 
 
 def check_packed(root: DataRoot, stage: str, prefix: str) -> None:

@@ -90,7 +90,7 @@ def test_demo_run_deployments_and_ui(server, tmp_path):
     demo = [r for r in runs if flows[r["flow_id"]] == "racm3-end-to-end-demo"]
     assert demo and demo[0]["state_type"] == "COMPLETED"
     stage_runs = {flows[r["flow_id"]] for r in runs}
-    assert {"racm3-demo-data", "racm3-filter", "racm3-download"} <= stage_runs
+    assert {"racm3-demo", "racm3-filter", "racm3-download"} <= stage_runs
     artifacts = api(base, "/artifacts/filter", {"limit": 50})
     keys = {a["key"] for a in artifacts}
     assert {"racm3-filter", "racm3-download"} <= keys

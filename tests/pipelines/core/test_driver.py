@@ -35,6 +35,20 @@ def test_retries_take_effect(root):
     assert all(n == 2 for n in Counters.attempts.values())
 
 
+def test_one_retry_policy_waits_with_backoff(root):
+    """run.retry_delay_s before the first retry, doubled before each next (every executor)."""
+    t0 = time.monotonic()
+    report = drive(ToyStage(), root, toy_cfgs(RunConfig(retries=2, retry_delay_s=0.4,
+                                                        shard_concurrency=4),
+                                              fail_times=2, sleep_s=0))
+    assert report.ok and all(Counters.attempts[s] == 3 for s in report.ran)
+    assert time.monotonic() - t0 >= 0.4 + 0.8  # shards in parallel: one shard's two waits
+    from pipelines.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="run.retry_delay_s"):
+        RunConfig(retry_delay_s=-1)
+
+
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_shard_concurrency_takes_effect(root, concurrency):
     report = drive(ToyStage(), root,

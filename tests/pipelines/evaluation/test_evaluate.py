@@ -21,9 +21,9 @@ from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.evaluate import reduce, report_path
 from pipelines.evaluation.fid import frechet_distance
 from pipelines.evaluation.guard import guarded_search, near_duplicates
-from pipelines.evaluation.lineage import load_setup
 from pipelines.evaluation.metrics import compute
-from pipelines.evaluation.records import Part
+from pipelines.evaluation.models import load_models
+from pipelines.evaluation.records import ShardRecords
 from pipelines.evaluation.split import read_split
 from pipelines.tokens.tokenize import TokenizeConfig
 from pipelines.training.sequences import LineageError
@@ -143,8 +143,8 @@ def test_sharded_streamed_evaluation_equals_one_shard(trained, tmp_path):
 
 
 def test_leakage_guard_excludes_a_planted_duplicate(trained):
-    setup = load_setup(trained, EVAL)
-    setup.retriever.cfg = dataclasses.replace(setup.retriever.cfg, query_sim_threshold=1.5,
+    setup = load_models(trained, EVAL)
+    setup.retriever.rule = dataclasses.replace(setup.retriever.rule, query_sim_threshold=1.5,
                                               redundancy_threshold=1.5)
     t = read_table(trained, trained.artifact("download", "00001", "parquet")).to_pylist()
     planted = decode_image(t[0]["jpg"])
@@ -157,6 +157,26 @@ def test_leakage_guard_excludes_a_planted_duplicate(trained):
     assert t[0]["key"] not in guarded and len(guarded) == n - len(dups["image"])
 
 
+def test_retrieval_thresholds_set_for_the_evaluation_change_what_it_retrieves(trained):
+    from pipelines.evaluation.evaluate import EvaluatePartStage
+    from pipelines.evaluation.per_image import prepare
+
+    items, _ = read_split(trained, EVAL.coco)
+
+    def retrieved(**thresholds: float) -> list[list[str]]:
+        cfg = dataclasses.replace(EVAL, **thresholds)
+        examples = prepare(load_models(trained, cfg), items, cfg, excluded=set())
+        return [ex.by_caption for ex in examples] + [ex.by_image for ex in examples]
+
+    loose = retrieved(redundancy_threshold=1.5, query_sim_threshold=1.5)
+    strict = retrieved(redundancy_threshold=-1.5, query_sim_threshold=1.5)
+    assert all(len(keys) == EVAL.k for keys in loose)  # nothing too similar: k neighbours each
+    assert strict == [keys[:1] for keys in loose]  # everything too similar to the first: one
+    # the settings are part of what evaluate-part writes: changed, its shards run again
+    stage = EvaluatePartStage()
+    assert stage.params(EVAL) != stage.params(dataclasses.replace(EVAL, redundancy_threshold=0.5))
+
+
 def test_checkpoint_from_another_codebook_or_index_is_refused(trained, tmp_path):
     other = DataRoot(str(tmp_path / "copy"))
     shutil.copytree(trained.join(), other.join())
@@ -165,14 +185,14 @@ def test_checkpoint_from_another_codebook_or_index_is_refused(trained, tmp_path)
     rec["lineage"]["index_fingerprint"] = "sha256:another-index"
     torch.save(rec, path)
     with pytest.raises(LineageError, match="ra-cm3 checkpoint was trained with index_fingerprint"):
-        load_setup(other, EVAL)
+        load_models(other, EVAL)
     path = other.artifact("train", "vanilla", "pt")
     rec = torch.load(path, weights_only=False)
     rec["lineage"]["codebook"] = "another-codebook"
     torch.save(rec, path)
     shutil.copy(trained.artifact("train", "ra-cm3", "pt"), other.artifact("train", "ra-cm3", "pt"))
     with pytest.raises(LineageError, match="vanilla checkpoint was trained with codebook"):
-        load_setup(other, EVAL)
+        load_models(other, EVAL)
 
 
 def test_bad_coco_entries_are_counted_and_skipped(root):
@@ -199,7 +219,7 @@ def test_no_metric_is_computed_on_zero_samples(trained, tmp_path):
     nothing = {"position": 0, "image_id": 1, "refs": ["a"], "captions": {}, "clip": {}, "nll": {}}
     feats = {"real": np.zeros((1, 4))} | {m: np.full((1, 4), np.nan)
                                           for m in ("ra-cm3", "vanilla", "retrieval-baseline")}
-    out = compute(Part([nothing], feats, {}, {}, [], "FID-test"), 10, 0)
+    out = compute(ShardRecords([nothing], feats, {}, {}, [], "FID-test"), 10, 0)
     assert out["models"]["ra-cm3"] == {"caption_to_image_n": 0, "image_to_caption_n": 0,
                                        "perplexity_n": 0}
     assert out["models"]["retrieval-baseline"] == {"caption_to_image_n": 0, "image_to_caption_n": 0}
@@ -220,3 +240,17 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
     a = rng.normal(size=(50, 8))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)  # ||mu shift||^2 = 8
+
+
+def test_a_separate_judge_clip_scores_the_same_images(trained):
+    """The retrieval CLIP reranks; a judge CLIP with other weights gives the CLIP score."""
+    import dataclasses
+
+    base = run_evaluation(trained, EVAL)["models"]
+    judge = write_checkpoint(trained, seed=1, path="weights/judge.pt")
+    judged = run_evaluation(trained, dataclasses.replace(
+        EVAL, judge_model="racm3-tiny", judge_checkpoint=judge))["models"]
+    fid = "FID-EffNetLite0"
+    for name in ("ra-cm3", "vanilla"):
+        assert judged[name][fid] == pytest.approx(base[name][fid])  # the same images were kept
+        assert judged[name]["CLIP-score"] != pytest.approx(base[name]["CLIP-score"])

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.cm3.format import mask_spans
 from model.document import Vocab, sequence_positions
 from model.transformer import Transformer, TransformerConfig
 from pipelines.generation.classify import classify, ensemble, label_logprobs, pass_probs
 from pipelines.generation.fewshot import FewShotConfig, format_table
-from pipelines.training.sequences import mask_spans
 
 VOCAB = Vocab(n_text=8, n_image=8)
 STEPS = 200

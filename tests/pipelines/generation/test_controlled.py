@@ -6,7 +6,7 @@ import numpy as np
 from pipelines.demo.data import BACKGROUNDS, DemoDataConfig, make_entities, render
 from pipelines.generation.controlled import background, background_control, pick_cases
 from pipelines.generation.fewshot import memory_by_entity
-from pipelines.generation.workbench import load_workbench
+from pipelines.inference.loader import load_inference
 from tests.factories import NAMES
 
 
@@ -22,7 +22,7 @@ def test_background_of_demo_renderings_at_the_models_resolution():
 
 
 def test_background_control_runs_on_named_documents(trained_root):
-    bench = load_workbench(trained_root)
+    bench = load_inference(trained_root)
     keys = memory_by_entity(bench, set(NAMES))
     assert set(keys) == set(NAMES) and all(len(v) == 2 for v in keys.values())
     cases = pick_cases(bench, keys, 3, seed=0)

@@ -9,7 +9,6 @@ import torch
 
 from model.document import Vocab
 from model.transformer import Transformer, TransformerConfig
-from pipelines.evaluation.perplexity import scored_nll
 from pipelines.generation.ensemble import (
     IMAGE,
     TEXT,
@@ -20,6 +19,7 @@ from pipelines.generation.ensemble import (
     main_logprobs,
     passes,
 )
+from pipelines.inference.scoring import scored_nll
 
 VOCAB = Vocab(n_text=20, n_image=16)
 MAIN = np.asarray(VOCAB.encode([3, 7, 1], list(range(16))))

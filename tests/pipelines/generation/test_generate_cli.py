@@ -12,7 +12,7 @@ from PIL import Image
 
 from flows.cli import main
 from pipelines.generation.request import Request, run
-from pipelines.generation.workbench import load_workbench
+from pipelines.inference.loader import load_inference
 from tests.factories import entity_image
 
 
@@ -46,7 +46,7 @@ def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
                      "--doc-guidance", "1", "--out", str(tmp_path / "g"))
     assert len(guided["files"]) == 2 and guided["request"]["guidance_caption"] == 2
     # named documents: the test CLIP is random, so the redundancy rules keep few retrieved ones
-    keys = sorted(load_workbench(trained_root).memory)[:4]
+    keys = sorted(load_inference(trained_root).memory)[:4]
     ens = run_cli(trained_root, "--caption", "a photo", "--samples", "2", "--ensemble", "4",
                   "--context", *keys, "--out", str(tmp_path / "e"))
     assert ens["context"] == keys and len(ens["files"]) == 2  # 4 documents: two passes
@@ -54,8 +54,27 @@ def test_guided_and_ensembled_caption_to_image(trained_root, tmp_path):
                  "--guidance", "1", "--out", str(tmp_path / "bad")]) == 2
 
 
+def test_set_retrieve_changes_what_generate_retrieves(trained_root, tmp_path, capsys):
+    def context(*sets: str) -> list[str]:
+        args = [x for s in sets for x in ("--set", s)]
+        return run_cli(trained_root, "--caption", "a photo of the thing", "--samples", "1", "--k", "2",
+                       "--out", str(tmp_path / f"r{len(os.listdir(tmp_path))}"), *args)["context"]
+
+    # nothing is too similar: the two best candidates; everything is: only the best one
+    loose = context("retrieve.redundancy_threshold=1.5", "retrieve.query_sim_threshold=1.5")
+    strict = context("retrieve.redundancy_threshold=-1.5", "retrieve.query_sim_threshold=1.5")
+    assert len(loose) == 2 and strict == loose[:1]
+    # validated as the retrieve section is, and the index's encoder cannot be swapped
+    for bad, field in (("retrieve.top_n=x", "retrieve.top_n"), ("retrieve.nope=1", "retrieve.nope"),
+                       ("embed.model=ViT-L-14", "embed.model"), ("train.alpha=1", "train.alpha")):
+        capsys.readouterr()
+        assert main(["generate", "--data-root", trained_root.path, "--caption", "x", "--set", bad,
+                     "--out", str(tmp_path / "bad")]) == 2
+        assert field in capsys.readouterr().err
+
+
 def test_image_to_caption_and_named_context(trained_root, tmp_path, prompt_image):
-    bench = load_workbench(trained_root)
+    bench = load_inference(trained_root)
     keys = sorted(bench.memory)[:1]
     out = str(tmp_path / "i2t")
     rec = run_cli(trained_root, "--image", prompt_image, "--samples", "2", "--context", *keys,
@@ -70,7 +89,7 @@ def test_infill_keeps_the_unmasked_tokens_of_the_prompt_image(trained_root, tmp_
                   "a photo", "--samples", "2", "--out", out, "--context-image", prompt_image,
                   "--context-caption", "the same thing")
     assert rec["mode"] == "infill" and rec["context"] == ["user: prompt.png"]
-    bench = load_workbench(trained_root)
+    bench = load_inference(trained_root)
     given = np.asarray(bench.encode_images([Image.open(prompt_image)])[0])
     inside = np.zeros((4, 4), bool)
     inside[1:3, 1:3] = True

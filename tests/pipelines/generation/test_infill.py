@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.cm3.format import mask_spans
 from model.document import INFILL, Vocab
 from model.transformer import Transformer, TransformerConfig
 from pipelines.generation.infill import Box, infill_images, infill_prompt
-from pipelines.training.sequences import assemble, mask_spans
+from pipelines.training.sequences import assemble
 
 VOCAB = Vocab(n_text=20, n_image=16)
 GRID, CAP = 4, [3, 7, 1]

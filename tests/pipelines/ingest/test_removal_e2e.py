@@ -60,5 +60,5 @@ def test_removal_reaches_index_neighbours_and_flags_checkpoints(served, tmp_path
     assert made_before_removal(root) == {}  # retrained: no longer flagged
     from pipelines.retrieval.faiss_index import load_index
     index = load_index(root)
-    assert victim not in set(index.keys.tolist())
+    assert victim not in set(index.keys)
     torch.set_num_threads(before)

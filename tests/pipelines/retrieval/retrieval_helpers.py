@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -55,16 +57,27 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
+def hexsha(label: str) -> str:
+    """A real sha256 hex digest standing for `label` ('' and digests stay as they are): equal
+    labels, equal digests."""
+    if not label or (len(label) == 64 and set(label) <= set("0123456789abcdef")):
+        return label
+    return hashlib.sha256(label.encode()).hexdigest()
+
+
 def write_embed_shard(root: DataRoot, shard_id: str, keys: list[str], sha: list[str],
                       text: np.ndarray, image: np.ndarray, doc: np.ndarray,
-                      encoder: str = "racm3-tiny@test", dim: int | None = None) -> None:
-    """An embed shard with chosen vectors and the manifest metrics index/retrieve rely on."""
+                      encoder: str = "racm3-tiny@test", dim: int | None = None,
+                      inputs: tuple = ()) -> None:
+    """An embed shard with chosen vectors and the manifest metrics index/retrieve rely on;
+    `inputs` (e.g. its download shard's ref) go into its manifest."""
     d = doc.shape[1]
 
     def col(x: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d)
 
+    sha = [hexsha(s) for s in sha]  # labels in, digests of the download stage's form out
     table = pa.Table.from_arrays([pa.array(keys), pa.array(sha), col(text), col(image), col(doc)],
                                  schema=embed_schema(d))
     metrics = {"encoder": encoder, "model": "racm3-tiny", "checkpoint": CKPT, "dim": dim or d}
-    execute_shard(_FixedEmbed(table, metrics), root, None, ShardSpec("embed", shard_id, ()))
+    execute_shard(_FixedEmbed(table, metrics), root, None, ShardSpec("embed", shard_id, inputs))

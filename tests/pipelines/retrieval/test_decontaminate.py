@@ -52,6 +52,21 @@ def test_copies_of_evaluation_images_and_captions_are_found(root):
     assert again.ran == []  # done shards skipped
     assert all(m.metrics["documents"] >= 0 for m in list_manifests(root, "decontaminate"))
 
+    # kept out of the tokens, hence out of training (main and retrieved documents alike)
+    from pipelines.training.train import TrainConfig
+    from storage.shards import read_table
+    from tests.pipelines.generation.conftest import FIT, TOK, TRAIN
+
+    cfgs.update(fit_vqgan=FIT, tokenize=TOK, train=TrainConfig(variant="vanilla", **TRAIN))
+    for stage in ("fit-vqgan", "tokenize", "index", "retrieve", "pack", "train"):
+        assert run_stage(stage, root, cfgs).ok, stage
+    tokens = {k for m in list_manifests(root, "tokenize")
+              for k in read_table(root, root.artifact("tokenize", m.shard_id, "parquet"),
+                                  ["key"])["key"].to_pylist()}
+    assert not tokens & keys and len(tokens) == 16 - len(keys)
+    [train] = list_manifests(root, "train")
+    assert train.metrics["decontaminated_by_split"] == per_split
+
 
 def test_thresholds_are_validated():
     with pytest.raises(ConfigError, match="decontaminate.image_threshold"):

@@ -15,6 +15,7 @@ from pipelines.retrieval import faiss_index
 from pipelines.retrieval.faiss_index import load_index, merge_topk
 from pipelines.retrieval.index import IndexConfig
 from pipelines.retrieval.index_build import choose_factory, parse_bytes, training_sample
+from pipelines.retrieval.memory_store import STORE_FILES
 from pipelines.retrieval.retrieve import RetrieveConfig
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
@@ -82,7 +83,8 @@ def test_sharded_flat_gives_the_neighbours_of_one_flat_index(tmp_path):
     assert m.metrics["parts"] == 3 and sum(m.metrics["part_rows"]) == len(doc)
     assert min(m.metrics["part_rows"]) > 40  # sha1(key) mod 3 spreads the keys
     assert {p.rsplit("/", 1)[1] for p in m.outputs} == {
-        "main.keys.parquet", "main.part-000.faiss", "main.part-001.faiss", "main.part-002.faiss"}
+        "main.keys.parquet", "main.part-000.faiss", "main.part-001.faiss", "main.part-002.faiss",
+        *(f"main.{f}" for f in STORE_FILES), *(f"main.part-00{p}.rows.bin" for p in range(3))}
     assert m.metrics["index_bytes"] >= len(doc) * 16 * 4
     a, b = load_index(one), load_index(three)
     assert isinstance(b.cpu, faiss_index.ShardedIndex)
@@ -99,7 +101,8 @@ def test_sharded_flat_gives_the_neighbours_of_one_flat_index(tmp_path):
         ta = read_table(one, one.artifact("retrieve", sid, "parquet"))
         tb = read_table(three, three.artifact("retrieve", sid, "parquet"))
         assert ta.equals(tb), sid
-        assert sum(r["skipped_duplicate"] + r["skipped_redundant"] for r in ta.to_pylist()) >= 0
+        # the redundancy rule really ran (and skipped the same candidates in both set-ups)
+        assert sum(r["skipped_redundant"] for r in ta.to_pylist()) > 0, sid
 
 
 def test_retrieve_batches_do_not_change_rows(tmp_path):

@@ -203,13 +203,13 @@ def test_dask_runner_gives_the_same_rows_as_the_local_runner(real_root, tmp_path
 
 
 def test_retriever_for_inference_uses_the_index_encoder(real_root):
-    from pipelines.retrieval.search import Retriever
+    from pipelines.retrieval.search import Retriever, SearchRule
     from tests.factories import entity_image
 
     for stage in ("embed", "index"):
         assert run_stage(stage, real_root, configs()).ok
-    r = Retriever(real_root, RetrieveConfig(top_n=8, k_max=2, query_sim_threshold=1.5,
-                                            redundancy_threshold=1.5))
+    r = Retriever(real_root, SearchRule(top_n=8, k_max=2, query_sim_threshold=1.5,
+                                        redundancy_threshold=1.5))
     (keys, scores), = r.by_text(["a photo of the zorvik"], exclude_keys=["000000000"])
     assert len(keys) == 2 and "000000000" not in keys and scores[0] >= scores[1]
     (img_keys, _), = r.by_image([entity_image(3, 64)], k=3)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 
 from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard
+from pipelines.training.sequences import load_tokens
+from pipelines.training.token_store import StoreCorpus
 from storage.fs import DataRoot
+from storage.manifest import list_manifests
+from storage.shards import read_table
 
 N_TEXT, N_IMAGE, GRID = 40, 16, 4  # 16 image codes per document
 
@@ -50,18 +56,26 @@ def make_token_shard(root: DataRoot, shard_id: str, keys: list[str], codebook: s
                   ShardSpec("tokenize", shard_id, ()))
 
 
-def neighbour_table(keys: list[str], all_keys: list[str], variants: int = 2) -> pa.Table:
-    """Oracle neighbours: other documents of the same entity, best first; some missing keys."""
-    rows = []
+Lists = dict[str, dict[tuple[str, int], list[str]]]  # key -> {(query, variant): keys best first}
+
+
+def oracle_lists(keys: list[str], all_keys: list[str], variants: int = 2) -> Lists:
+    """Oracle neighbours: other documents of the same entity, best first, per query and variant."""
+    out: Lists = {}
     for k in keys:
         same = [o for o in all_keys if int(o) % 4 == int(k) % 4 and o != k]
         for q in ("text", "image"):
             for v in range(variants + 1):
-                nks = (same[v:] + same[:v])[:2] if v else same[:2]
-                rows.append(dict(key=k, query=q, variant=v, neighbor_keys=nks,
-                                 neighbor_scores=[0.8] * len(nks), n_candidates=len(all_keys),
-                                 skipped_self=1, skipped_duplicate=0, skipped_query_sim=0,
-                                 skipped_redundant=0))
+                out.setdefault(k, {})[(q, v)] = (same[v:] + same[:v])[:2] if v else same[:2]
+    return out
+
+
+def neighbour_table(lists: Lists, n_candidates: int) -> pa.Table:
+    """A retrieve shard's rows holding the given neighbour lists."""
+    rows = [dict(key=k, query=q, variant=v, neighbor_keys=nks, neighbor_scores=[0.8] * len(nks),
+                 n_candidates=n_candidates, skipped_self=1, skipped_duplicate=0,
+                 skipped_query_sim=0, skipped_redundant=0)
+            for k, by_qv in lists.items() for (q, v), nks in by_qv.items()]
     schema = pa.schema([("key", pa.string()), ("query", pa.string()), ("variant", pa.int16()),
                         ("neighbor_keys", pa.list_(pa.string())),
                         ("neighbor_scores", pa.list_(pa.float32())), ("n_candidates", pa.int32()),
@@ -71,10 +85,11 @@ def neighbour_table(keys: list[str], all_keys: list[str], variants: int = 2) -> 
 
 
 def make_neighbour_shard(root: DataRoot, shard_id: str, keys: list[str], all_keys: list[str],
-                         index: str = "ix-1") -> None:
+                         index: str = "ix-1", lists: Lists | None = None) -> None:
+    """A retrieve shard of `keys` with oracle neighbours among `all_keys`, or exactly `lists`."""
     metrics = dict(index_fingerprint=index, encoder="clip-1")
-    execute_shard(_Fixed("retrieve", neighbour_table(keys, all_keys), metrics), root, None,
-                  ShardSpec("retrieve", shard_id, ()))
+    table = neighbour_table(oracle_lists(keys, all_keys) if lists is None else lists, len(all_keys))
+    execute_shard(_Fixed("retrieve", table, metrics), root, None, ShardSpec("retrieve", shard_id, ()))
 
 
 def make_corpus(root: DataRoot, n: int = 16, shards: int = 2, neighbours: bool = True,
@@ -104,3 +119,28 @@ def pack_corpus(root: DataRoot) -> list[str]:
             execute_shard(stage, root, cfg, st.spec)
             ran.append(st.spec.shard_id)
     return ran
+
+
+def docs_by_key(store: StoreCorpus) -> dict[str, np.ndarray]:
+    """Every document of a token store by key (tests compare against it; training never does)."""
+    return {store.label(i): store.doc(i) for i in range(store.n_items())}
+
+
+@dataclass
+class Shards:
+    """Token documents and neighbour lists read straight from the shards, not through `pack`:
+    the independent oracle a token store is checked against."""
+
+    docs: dict[str, np.ndarray]
+    neighbours: Lists
+
+
+def read_shards(root: DataRoot) -> Shards:
+    docs = load_tokens(root)[1]
+    neighbours: Lists = {}
+    for m in list_manifests(root, "retrieve"):
+        t = read_table(root, root.artifact("retrieve", m.shard_id, "parquet"),
+                       ["key", "query", "variant", "neighbor_keys"]).to_pydict()
+        for k, q, v, nks in zip(t["key"], t["query"], t["variant"], t["neighbor_keys"], strict=True):
+            neighbours.setdefault(k, {})[(q, int(v))] = list(nks)
+    return Shards(docs, neighbours)

@@ -46,7 +46,7 @@ def reference_losses(root: DataRoot, cfg: TrainConfig,
     torch.set_num_threads(1)
     L.seed_everything(cfg.seed, verbose=False)
     mcfg = preset(cfg.model, store.vocab.size, max_seq_len=max(seq_len, 1024))
-    module = CM3Module(mcfg.to_dict(), cfg.params())
+    module = CM3Module(mcfg, cfg)
     opt = torch.optim.Adam(module.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     stream = SequenceStream(store, cfg.assembly(seq_len), seed=cfg.seed)

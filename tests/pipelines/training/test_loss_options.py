@@ -8,7 +8,8 @@ import torch
 
 from model.transformer import Transformer, TransformerConfig
 from pipelines.core.config import ConfigError
-from pipelines.training.sequences import AssemblyConfig, SequenceStream, collate, load_corpus
+from pipelines.training.sequences import AssemblyConfig, SequenceStream, collate
+from pipelines.training.token_store import open_store
 from pipelines.training.train import TrainConfig, chunked_nll, sequence_losses
 from storage.fs import DataRoot
 from tests.pipelines.training.corpus_factory import make_corpus
@@ -17,8 +18,8 @@ from tests.pipelines.training.corpus_factory import make_corpus
 @pytest.fixture(scope="module")
 def batch_and_vocab(tmp_path_factory):
     root = DataRoot(str(tmp_path_factory.mktemp("loss")))
-    make_corpus(root, n=12, shards=2)
-    corpus = load_corpus(root, with_neighbours=True)
+    make_corpus(root, n=12, shards=2, packed=True)
+    corpus = open_store(root, with_neighbours=True)
     stream = SequenceStream(corpus, AssemblyConfig(seq_len=120, k_max=2), seed=0)
     return collate(list(islice(iter(stream), 3))), corpus.vocab.size
 

@@ -9,8 +9,8 @@ import pytest
 
 from pipelines.core.stage import execute_shard, shard_states
 from pipelines.training.pack import PackConfig, PackStage
-from pipelines.training.sequences import LineageError, is_held_out, load_corpus
-from pipelines.training.token_store import open_store
+from pipelines.training.sequences import LineageError
+from pipelines.training.token_store import is_held_out, open_store
 from pipelines.training.train import TrainConfig, TrainStage
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
@@ -19,6 +19,7 @@ from tests.pipelines.training.corpus_factory import (
     make_neighbour_shard,
     make_token_shard,
     pack_corpus,
+    read_shards,
 )
 
 
@@ -30,7 +31,7 @@ def root(tmp_path):
 
 
 def test_round_trip_ids_keys_tokens_and_neighbours(root):
-    shards = load_corpus(root, with_neighbours=True)  # read straight from the shards
+    shards = read_shards(root)  # read straight from the shards
     store = open_store(root, with_neighbours=True)
     assert store.n_items() == len(shards.docs) == 16
     ids = {k: store.key_to_id(k) for k in shards.docs}
@@ -58,7 +59,7 @@ def test_arrays_are_memory_mapped_and_not_pickled(root):
     assert len(maps.mmaps) == 2 * 4 + 2 * 5 and all(isinstance(a, np.memmap) for a in maps.mmaps)
     assert all(isinstance(t.base, np.memmap) for t in maps.tokens)  # views of the mappings
     maps.release()  # madvise(DONTNEED): the pages come back from the page cache on the next read
-    assert store.doc(3).tolist() == load_corpus(root, True).docs[store.label(3)].tolist()
+    assert store.doc(3).tolist() == read_shards(root).docs[store.label(3)].tolist()
     blob = pickle.dumps(store)  # what a spawned data-loader worker receives
     assert len(blob) < 20_000 and pickle.loads(blob).doc(3).tolist() == store.doc(3).tolist()
 

@@ -12,7 +12,8 @@ from model.transformer import Transformer, TransformerConfig
 from pipelines.core.runconfig import RunConfig
 from pipelines.core.runner import run_stage
 from pipelines.core.stage import execute_shard
-from pipelines.evaluation.perplexity import HeldOutExample, compare_variants, heldout_perplexity
+from pipelines.evaluation.perplexity import compare_variants
+from pipelines.inference.scoring import HeldOutExample, heldout_perplexity
 from pipelines.training.checkpoints import load_trained
 from pipelines.training.sequences import (
     ROLE_MAIN,
@@ -21,8 +22,8 @@ from pipelines.training.sequences import (
     LineageError,
     SequenceStream,
     collate,
-    load_corpus,
 )
+from pipelines.training.token_store import open_store
 from pipelines.training.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -32,7 +33,12 @@ from pipelines.training.train import (
 )
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
-from tests.pipelines.training.corpus_factory import make_corpus, make_token_shard, pack_corpus
+from tests.pipelines.training.corpus_factory import (
+    docs_by_key,
+    make_corpus,
+    make_token_shard,
+    pack_corpus,
+)
 
 FAST = dict(batch_size=4, seq_len=72, progress_bar=False, log_every=1, warmup_steps=2,
             accelerator="cpu")
@@ -60,7 +66,7 @@ def small_model(vocab_size: int) -> Transformer:
 
 
 def batch_from(root, n_seqs: int, **asm) -> tuple[dict, int]:
-    corpus = load_corpus(root, with_neighbours=True)
+    corpus = open_store(root, with_neighbours=True)
     stream = SequenceStream(corpus, AssemblyConfig(**asm), seed=0)
     return collate(list(islice(iter(stream), n_seqs))), corpus.vocab.size
 
@@ -71,7 +77,7 @@ def test_overfits_a_handful_of_documents(tmp_path, block_mask, final):
     entity word is then unknowable for a unit without retrieved documents (text loss stays up),
     which is the leak the mask closes; the image tokens are still learnt."""
     root = DataRoot(str(tmp_path))
-    make_corpus(root, n=4, shards=1)
+    make_corpus(root, n=4, shards=1, packed=True)
     batch, vocab = batch_from(root, 1, seq_len=96, k_max=1, mask_prob=0.5)
     model = small_model(vocab)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
@@ -183,9 +189,9 @@ def test_pinned_index_refused(root):
 
 
 def test_heldout_perplexity_with_and_without_retrieval(root):
-    corpus = load_corpus(root, with_neighbours=True)
+    corpus = open_store(root, with_neighbours=True)
     model = small_model(corpus.vocab.size).eval()
-    d = corpus.docs
+    d = docs_by_key(corpus)
     examples = [HeldOutExample(d["0000"], by_caption=[d["0004"]], by_image=[d["0008"], d["0004"]]),
                 HeldOutExample(d["0001"], by_caption=[d["0005"]], by_image=[d["0009"]])]
     with_r = heldout_perplexity(model, corpus.vocab, examples, with_retrieval=True)

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.cm3.format import caption_infilling_form, image_to_text_prompt
 from model.document import EOS, IMG_SRC, INFILL, Vocab, sequence_positions
 from model.transformer import Transformer, preset
-from pipelines.evaluation.generate import caption_nll, image_to_text_prompt
-from pipelines.evaluation.perplexity import HeldOutExample, example_nll, infilling_form, scored_nll
+from pipelines.inference.sampling import caption_nll
+from pipelines.inference.scoring import HeldOutExample, example_nll, scored_nll
 
 VOCAB = Vocab(n_text=20, n_image=16)
 
@@ -36,7 +37,7 @@ def full_nll(model: Transformer, docs: list, modality: int) -> tuple[float, int]
 
 def test_infilling_form_puts_the_image_before_the_caption_as_generation_does():
     doc = VOCAB.encode([3, 4, 5], list(range(9)))
-    inf = infilling_form(VOCAB, doc)
+    inf = caption_infilling_form(VOCAB, doc)
     prompt, _ = image_to_text_prompt(VOCAB, list(range(9)))
     assert inf[:len(prompt)] == prompt and inf[len(prompt):-1] == [c + VOCAB.text_offset for c in (3, 4, 5)]
     assert inf.index(INFILL) > inf.index(IMG_SRC)  # the image comes first
@@ -50,7 +51,7 @@ def test_both_forms_score_the_same_caption_tokens_and_differ(model):
     first = example_nll(model, VOCAB, ex, True, 2, "first")
     assert infill["text"][1] == first["text"][1] == 4 and infill["image"] == first["image"]
     assert infill["text"][0] != pytest.approx(first["text"][0])
-    for docs, modality in (([*ctx, main], 1), ([*ctx, main], 2), ([*ctx, infilling_form(VOCAB, main)], 1)):
+    for docs, modality in (([*ctx, main], 1), ([*ctx, main], 2), ([*ctx, caption_infilling_form(VOCAB, main)], 1)):
         got, want = scored_nll(model, docs, VOCAB, modality), full_nll(model, docs, modality)
         assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-5)
     with pytest.raises(ValueError, match="text_form"):

@@ -1,6 +1,6 @@
-"""Generation with retrieved (or user-given) documents in context (paper §3.1, §4.2):
-text->image continues `<img alt="caption" src="` with grid*grid image codes; image->text uses the
-CM3 infilling prompt with the caption masked, formatted exactly as `sequences.mask_spans` trains it.
+"""Sampling and caption scoring with retrieved (or user-given) documents in context (paper §3.1,
+§4.2): text->image continues `model.cm3.format.text_to_image_prompt` with grid*grid image codes;
+image->text continues `image_to_text_prompt` (the CM3 infilling form with the caption masked).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.document import EOS, IMG_CLOSE, IMG_OPEN, IMG_SRC, INFILL, PAD, Vocab, sequence_positions
+from model.cm3.format import Doc, image_to_text_prompt, text_to_image_prompt
+from model.document import EOS, IMG_CLOSE, PAD, Vocab
 from model.sampling import sample
 from model.transformer import Transformer
-
-Doc = Sequence[int] | np.ndarray  # one encoded document (Vocab.encode), list or array
 
 
 @dataclass(frozen=True)
@@ -27,33 +26,6 @@ class Sampling:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # keep the k most likely ids (0 = all)
     top_p: float = 1.0  # nucleus mass (1 = all)
-
-
-def with_context(context: Sequence[Doc], main: list[int]) -> tuple[list[int], list[int]]:
-    """(ids, positions) of m1..mK followed by the main document's prefix; positions restart per
-    document, as in training (`sequences.assemble`)."""
-    docs = [[int(x) for x in d] for d in context] + [main]
-    ids = [x for d in docs for x in d]
-    positions = sequence_positions(docs).tolist()
-    return ids, positions
-
-
-def text_to_image_prompt(vocab: Vocab, caption_ids: Sequence[int],
-                         context: Sequence[Doc] = ()) -> tuple[list[int], list[int]]:
-    """m1..mK then `<img alt="` caption `" src="`: the model continues with image codes."""
-    main = [IMG_OPEN, *(int(c) + vocab.text_offset for c in caption_ids), IMG_SRC]
-    return with_context(context, main)
-
-
-def image_to_text_prompt(vocab: Vocab, image_codes: Sequence[int],
-                         context: Sequence[Doc] = ()) -> tuple[list[int], list[int]]:
-    """m1..mK then the main document with its caption as span 0, in CM3 infilling form:
-    `<img alt="` <mask:0> `" src="` image `">` <infill> <mask:0>; the model fills in the caption
-    and ends it with <eos> (what `mask_spans(doc, [(0, len(caption))])` trains)."""
-    m0 = vocab.mask(0)
-    main = [IMG_OPEN, m0, IMG_SRC, *(int(c) + vocab.image_offset for c in image_codes), IMG_CLOSE,
-            INFILL, m0]
-    return with_context(context, main)
 
 
 def _batch(ids: list[int], positions: list[int], n: int, device: torch.device

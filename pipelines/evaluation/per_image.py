@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from model.images import to_tensor
-from pipelines.evaluation.generate import (
-    Sampling,
-    caption_nll,
-    generate_captions,
-    generate_images,
-)
+from pipelines.core.config import ConfigError
+from pipelines.evaluation.config import EvaluateConfig
+from pipelines.evaluation.controls import EntityDocs, random_keys, words
 from pipelines.evaluation.guard import guarded_search
-from pipelines.evaluation.lineage import GENERATORS, Setup, decode_codes
-from pipelines.evaluation.perplexity import HeldOutExample, example_nll
-from pipelines.evaluation.split import SplitItem, at_size
+from pipelines.evaluation.judge import clip_scores
+from pipelines.evaluation.models import GENERATORS
+from pipelines.evaluation.split import SplitItem
+from pipelines.inference.images import at_size
+from pipelines.inference.loader import Inference
+from pipelines.inference.sampling import Sampling, caption_nll, generate_captions, generate_images
+from pipelines.inference.scoring import HeldOutExample, example_nll
 
 RUNS = {"ra-cm3": ("ra-cm3", True), "ra-cm3 (no retrieval)": ("ra-cm3", False),
         "vanilla": ("vanilla", False)}  # perplexity run -> (model, with retrieval)
@@ -41,23 +41,42 @@ class Example:
     clip: dict[str, float] = field(default_factory=dict)  # model -> CLIP score of the kept image
     captions: dict[str, str] = field(default_factory=dict)  # model -> kept caption
     nll: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # run -> part -> (sum, n)
+    same_entity: dict[str, list[bool]] = field(default_factory=dict)  # query -> per context doc: names the image's entity (demo)
 
     @property
     def caption(self) -> str:
         return self.item.captions[0]
 
 
-def random_keys(setup: Setup, position: int, k: int, excluded: set[str], salt: int) -> list[str]:
-    """k memory keys drawn at random (seeded by the image's position): the relevance ablation."""
-    keys = sorted(setup.memory)
-    rng = np.random.default_rng([position, salt])
-    picks = [keys[int(i)] for i in rng.permutation(len(keys))[:k + len(excluded)]]
-    return [x for x in picks if x not in excluded][:k]
+def entity_docs(setup: Inference) -> EntityDocs:
+    """The memory's documents by entity (built once per set-up, shared by its copies)."""
+    if "entity_docs" not in setup.shared:
+        index = setup.retriever.index
+        n = len(index.keys)
+        setup.shared["entity_docs"] = EntityDocs(setup.all_captions(), dict(zip(
+            index.keys[np.arange(n)].tolist(), index.sha256[np.arange(n)].tolist(), strict=True)))
+    return setup.shared["entity_docs"]
 
 
-def prepare(setup: Setup, items: list[SplitItem], cfg: Any, excluded: set[str]) -> list[Example]:
+def controlled(setup: Inference, items: list[SplitItem], context: str, k: int,
+               excluded: set[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """(by caption, by image) keys of a control: random documents, or oracle ones (the same for
+    both queries: the entity is the query's, whichever part asks)."""
+    if context == "random":
+        keys = sorted(setup.memory)
+        return ([random_keys(keys, it.position, k, excluded, 0) for it in items],
+                [random_keys(keys, it.position, k, excluded, 1) for it in items])
+    docs = entity_docs(setup)
+    if any(it.entity is None for it in items):
+        raise ConfigError("evaluate.context", "\"oracle\" needs the entity of every image "
+                          "(racm3_entities in the COCO file: demo splits only)")
+    oracle = [docs.oracle(str(it.entity), it.sha256, it.position, k, excluded) for it in items]
+    return oracle, [list(o) for o in oracle]
+
+
+def prepare(setup: Inference, items: list[SplitItem], cfg: EvaluateConfig, excluded: set[str]) -> list[Example]:
     """Encode one batch (codes, caption ids) and retrieve with the caption and with the image
-    (or draw random memory documents, with `random_context`)."""
+    (or, as a control, draw random or oracle memory documents: `cfg.context`)."""
     k = cfg.k
     size = setup.tok_cfg.image_size
     reals = [at_size(it.image, size) for it in items]  # (R, R, 3) uint8 each
@@ -67,15 +86,19 @@ def prepare(setup: Setup, items: list[SplitItem], cfg: Any, excluded: set[str]) 
                             excluded, k)
     by_img = guarded_search(setup.retriever, enc.encode_image([it.image for it in items]),
                             excluded, k)
-    if cfg.random_context:
-        by_cap = [random_keys(setup, it.position, k, excluded, 0) for it in items]
-        by_img = [random_keys(setup, it.position, k, excluded, 1) for it in items]
+    if cfg.context != "retrieved":
+        by_cap, by_img = controlled(setup, items, cfg.context, k, excluded)
     limit = setup.tok_cfg.max_caption_tokens
-    return [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
-            for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    out = [Example(it, Image.fromarray(r), c, setup.tok.text.encode(it.captions[0])[:limit], bc, bi)
+           for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
+    for ex in out:
+        if ex.item.entity is not None:  # demo: is the context about the image's entity?
+            ex.same_entity = {q: [ex.item.entity in words(setup.captions.get(key, "")) for key in keys]
+                              for q, keys in (("caption", ex.by_caption), ("image", ex.by_image))}
+    return out
 
 
-def context_doc(setup: Setup, key: str, modality: str) -> np.ndarray | None:
+def context_doc(setup: Inference, key: str, modality: str) -> np.ndarray | None:
     """A memory document as put in context: whole ("mixed"), or only its caption / its image."""
     doc = setup.memory.get(key)
     if doc is None or modality == "mixed":
@@ -85,32 +108,35 @@ def context_doc(setup: Setup, key: str, modality: str) -> np.ndarray | None:
     return np.asarray(setup.vocab.encode(*part)) if (part[0] or part[1]) else None
 
 
-def context_docs(setup: Setup, keys: list[str], k: int, modality: str) -> list[np.ndarray]:
+def context_docs(setup: Inference, keys: list[str], k: int, modality: str) -> list[np.ndarray]:
     docs = (context_doc(setup, key, modality) for key in keys[:k])
     return [d for d in docs if d is not None]
 
 
-def context(setup: Setup, keys: list[str], variant: str, k: int,
+def context(setup: Inference, keys: list[str], variant: str, k: int,
             modality: str = "mixed") -> list[np.ndarray]:
     return context_docs(setup, keys, k, modality) if variant == "ra-cm3" else []
 
 
-def caption_to_image(setup: Setup, ex: Example, variant: str, cfg: Any,
+def caption_to_image(setup: Inference, ex: Example, variant: str, cfg: EvaluateConfig,
                      gen: torch.Generator) -> None:
-    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it."""
+    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it (the
+    paper's reranking); its CLIP score comes from the judge (the same CLIP unless configured)."""
     params = Sampling(cfg.image_temperature, 0, cfg.image_top_p)
     codes = generate_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
                             cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k,
                                     cfg.context_modality), params, gen)  # (N, g*g)
-    images = decode_codes(setup, codes)
+    images = setup.decode_codes(codes)
     enc = setup.retriever.encoder
     scores = enc.encode_image(images) @ enc.encode_text([ex.caption])[0]  # (N,)
     best = int(np.argmax(scores))
-    ex.images[variant], ex.clip[variant] = images[best], float(scores[best])
+    judge = setup.shared.get("judge") or enc
+    score = scores[best] if judge is enc else clip_scores(judge, [images[best]], ex.caption)[0]
+    ex.images[variant], ex.clip[variant] = images[best], float(score)
 
 
 
-def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
+def image_to_caption(setup: Inference, ex: Example, variant: str, cfg: EvaluateConfig,
                      gen: torch.Generator) -> None:
     """Sample M captions for the image (infilling), keep the lowest-perplexity one."""
     model = setup.models[variant]
@@ -123,17 +149,17 @@ def image_to_caption(setup: Setup, ex: Example, variant: str, cfg: Any,
     ex.captions[variant] = setup.tok.text.decode(caps[best]) if math.isfinite(nll[best]) else ""
 
 
-def retrieval_baseline(setup: Setup, ex: Example) -> None:
+def retrieval_baseline(setup: Inference, ex: Example) -> None:
     """The paper's baseline: the top document retrieved with the prompt is the output."""
     if ex.by_caption and ex.by_caption[0] in setup.memory:
         _, img = setup.vocab.decode(setup.memory[ex.by_caption[0]].tolist())
         if img:
-            ex.images["retrieval-baseline"] = decode_codes(setup, np.asarray([img]))[0]
+            ex.images["retrieval-baseline"] = setup.decode_codes(np.asarray([img]))[0]
     if ex.by_image:
-        ex.captions["retrieval-baseline"] = setup.memory_captions.get(ex.by_image[0], "")
+        ex.captions["retrieval-baseline"] = setup.captions.get(ex.by_image[0], "")
 
 
-def perplexities(setup: Setup, ex: Example, k: int, modality: str = "mixed") -> None:
+def perplexities(setup: Inference, ex: Example, k: int, modality: str = "mixed") -> None:
     """Per run: image NLL (caption first, retrieved by the caption), caption NLL in the infilling
     form (image first, retrieved by the image) and, for comparison, caption first."""
     if not ex.caption_ids:
@@ -148,7 +174,7 @@ def perplexities(setup: Setup, ex: Example, k: int, modality: str = "mixed") -> 
         ex.nll[run] = {"image": infill["image"], "text": infill["text"], "text_first": first["text"]}
 
 
-def run_example(setup: Setup, ex: Example, cfg: Any) -> None:
+def run_example(setup: Inference, ex: Example, cfg: EvaluateConfig) -> None:
     """Everything one image needs, seeded by its position in the split (sharding-independent)."""
     device = next(setup.models["ra-cm3"].parameters()).device
     for j, variant in enumerate(GENERATORS if cfg.generate else ()):

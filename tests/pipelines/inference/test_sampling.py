@@ -4,17 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from model.cm3.format import image_to_text_prompt, mask_spans, text_to_image_prompt
 from model.document import EOS, IMG_OPEN, IMG_SRC, INFILL, Vocab
 from model.transformer import Transformer, TransformerConfig
-from pipelines.evaluation.generate import (
+from pipelines.inference.sampling import (
     caption_nll,
     close_image,
     generate_captions,
     generate_images,
-    image_to_text_prompt,
-    text_to_image_prompt,
 )
-from pipelines.training.sequences import assemble, mask_spans
+from pipelines.training.sequences import assemble
 
 VOCAB = Vocab(n_text=20, n_image=16)
 CAP, CODES = [3, 7, 1], list(range(16))

@@ -1,0 +1,1 @@
+"""The inference layer under evaluation and generation: loading, sampling, scoring."""
