@@ -27,6 +27,10 @@ class Polite(BaseHTTPRequestHandler):
         pass
 
     def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        # the request stops counting as open before its answer starts: a client can only let
+        # another thread in after reading the answer, so the peak is never inflated by the gap
+        # between the client's release and this handler's return
+        self._leave()
         self.send_response(code)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -41,11 +45,17 @@ class Polite(BaseHTTPRequestHandler):
             srv.requests.append(self.path)  # type: ignore[attr-defined]
             srv.open += 1  # type: ignore[attr-defined]
             srv.peak = max(srv.peak, srv.open)  # type: ignore[attr-defined]
+        self._counted = True
         try:
             self._route(conf)
         finally:
-            with srv.lock:  # type: ignore[attr-defined]
-                srv.open -= 1  # type: ignore[attr-defined]
+            self._leave()
+
+    def _leave(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with self.server.lock:  # type: ignore[attr-defined]
+                self.server.open -= 1  # type: ignore[attr-defined]
 
     def _route(self, conf: dict) -> None:
         p = self.path
