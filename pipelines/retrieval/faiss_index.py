@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.retrieval.memory_store import STORE_FILES, MemoryStore, open_store
-from storage.fs import DataRoot
+from storage.fs import DataRoot, verified_copy
 from storage.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -201,19 +200,17 @@ def read_index_file(path: str, factory: str = "") -> Any:
 
 
 def local_file(root: DataRoot, path: str, digest: str) -> str:
-    """A local path for an index file: itself on a local root, else a copy in the machine's cache
-    (named by content digest, written under a temp name and renamed, so processes may race)."""
+    """A local path for an index file: itself on a local root, else a copy in this user's cache
+    (0700; `$RACM3_INDEX_CACHE` if set), checked against the manifest's digest on fill and on
+    every reuse: faiss.read_index is not memory-safe, so it never reads a planted or torn copy."""
     if root.is_local:
         return path
-    cache = os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "racm3-index-cache")
-    os.makedirs(cache, exist_ok=True)
-    dest = os.path.join(cache, digest.removeprefix("sha256:")[:32] + "-" + posixpath.basename(path))
-    if not os.path.exists(dest):
-        tmp = f"{dest}.tmp-{os.getpid()}-{threading.get_ident()}"
-        root.fs.get(path, tmp)
-        os.replace(tmp, dest)
-        log.info("index: copied %s to the local cache %s", path, dest)
-    return dest
+    custom = os.environ.get(CACHE_ENV)
+    if not custom:
+        return root.cached(path, digest or None, "index")
+    os.makedirs(custom, mode=0o700, exist_ok=True)
+    name = digest.removeprefix("sha256:")[:32] + "-" + posixpath.basename(path)
+    return verified_copy(root.fs, path, os.path.join(custom, name), digest or None)
 
 
 def memory(root: DataRoot, m: Manifest, parts: int) -> MemoryStore:

@@ -29,7 +29,6 @@ import logging
 import mmap
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from pipelines.training.lineage import (
     LineageError,
     same_lineage,
 )
-from storage.fs import DataRoot
+from storage.fs import DataRoot, user_cache_dir, verified_copy
 from storage.manifest import Manifest, list_manifests
 
 log = logging.getLogger(__name__)
@@ -181,23 +180,22 @@ class Part:
 
 
 def local_prefix(root: DataRoot, m: Manifest, cache_dir: str | None) -> str:
-    """Where the part's files are on local disk: in place on a local root, else a cached
-    download keyed by the part's digest (np.load(mmap_mode) needs a real file)."""
+    """Where the part's files are on local disk: in place on a local root, else copies in this
+    user's cache (0700; `cache_dir` if given) keyed by the part's digest, each file checked
+    against its manifest digest on fill and on every reuse (np.load(mmap_mode) needs a file)."""
     prefix = root.join(STAGE, m.shard_id)
     if root.is_local:
         return prefix
-    base = cache_dir or os.path.join(tempfile.gettempdir(), "racm3-pack-cache")
-    folder = os.path.join(base, m.output_digest.replace(":", "-"))
-    done = os.path.join(folder, f"{m.shard_id}.complete")
-    if not os.path.exists(done):
-        os.makedirs(folder, exist_ok=True)
-        for rel in m.outputs:  # each file to a temp name, renamed: readers never see half a file
-            name = posixpath.basename(rel)
-            tmp = os.path.join(folder, f"{name}.tmp-{os.getpid()}")
-            root.fs.get_file(root.join(rel), tmp)
-            os.replace(tmp, os.path.join(folder, name))
-        open(done, "w").close()
-    return os.path.join(folder, m.shard_id)
+    folder = m.output_digest.replace(":", "-")
+    for rel, digest in m.outputs.items():
+        name = posixpath.join(folder, posixpath.basename(rel))
+        if cache_dir:
+            os.makedirs(os.path.join(cache_dir, folder), mode=0o700, exist_ok=True)
+            verified_copy(root.fs, root.join(rel), os.path.join(cache_dir, name), digest)
+        else:
+            root.cached(root.join(rel), digest, "pack", name)
+    base = cache_dir or user_cache_dir("pack")
+    return os.path.join(base, folder, m.shard_id)
 
 
 def token_manifests(root: DataRoot) -> list[Manifest]:

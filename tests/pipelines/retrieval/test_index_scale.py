@@ -191,11 +191,12 @@ def test_remote_root_copies_the_index_once_per_machine(tmp_path, monkeypatch):
     monkeypatch.setenv(faiss_index.CACHE_ENV, str(cache))
     assert run_stage("index", remote, configs(index=IndexConfig(shards=2, beam_options=THREADS))).ok
     idx = load_index(remote)
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 2 and all(f.endswith(".faiss") for f in files)
+    files = sorted(p.name for p in cache.iterdir() if p.name.endswith(".faiss"))
+    assert len(files) == 2
+    assert all((cache / f"{f}.sha256").exists() for f in files)  # the digest it is checked against
     faiss_index._LOADED.clear()  # a second worker process on this machine
     again = load_index(remote)
-    assert sorted(p.name for p in cache.iterdir()) == files
+    assert sorted(p.name for p in cache.iterdir() if p.name.endswith(".faiss")) == files
     _, ids = again.search(doc[[4]], 1)
     assert ids[0, 0] == idx.search(doc[[4]], 1)[1][0, 0]
     remote.fs.rm(remote.path, recursive=True)
