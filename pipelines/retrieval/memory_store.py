@@ -184,6 +184,10 @@ class CaptionLookup:
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and int(self.store.rows_of([key])[0]) >= 0
 
+    def __iter__(self) -> Iterator[str]:
+        """The memory's keys, a chunk at a time (a Mapping's iteration; never all as objects)."""
+        return iter(self.store.key_col)
+
     def __len__(self) -> int:
         return len(self.store)
 
