@@ -32,11 +32,13 @@ def test_shard_task_runs_the_drivers_run_shard_without_an_engine(small_demo):
     from pipelines.core.driver import Job, shard_runner
     from pipelines.core.runconfig import BeamConfig, RunConfig
     from pipelines.ingest.filter import FilterStage
+    from storage.lease import stage_lease
 
     root, cfgs, _ = small_demo
-    job = Job(FilterStage(), root, cfgs["filter"], RunConfig(retries=0), BeamConfig(), "test")
+    job = Job(FilterStage(), root, cfgs["filter"], RunConfig(retries=0), BeamConfig(), root.owner)
     spec = FilterStage().plan(root, cfgs["filter"])[0]
-    m = shard_task.fn("filter", spec, shard_runner(job))
+    with stage_lease(root, "filter", RunConfig()):  # as the driver does: commits are fenced
+        m = shard_task.fn("filter", spec, shard_runner(job))
     assert m.stage == "filter" and m.rows_in > 0 and m.flow_run_id is None
     with pytest.raises(ShardFailed, match="OSError: gone"):  # a failed shard fails its task run
         shard_task.fn("filter", spec, lambda s: (None, "OSError: gone"))

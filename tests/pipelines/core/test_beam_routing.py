@@ -8,9 +8,10 @@ import time
 import pyarrow as pa
 
 from pipelines.core.beam import direct_workers, run_on_beam, runner_label
-from pipelines.core.runconfig import BeamConfig
+from pipelines.core.runconfig import BeamConfig, RunConfig
 from pipelines.core.stage import ShardResult, ShardSpec, Stage
 from storage.fs import DataRoot
+from storage.lease import stage_lease
 from storage.manifest import read_manifest
 
 
@@ -38,7 +39,8 @@ def test_one_shard_runs_in_process_and_the_manifest_says_so(tmp_path):
     root = DataRoot(str(tmp_path))
     cfg = BeamConfig(direct_num_workers=2, direct_running_mode="multi_processing")
     t0 = time.perf_counter()
-    failures = run_on_beam(Echo(), root, None, [ShardSpec("beam-echo", "00000", ())], cfg)
+    with stage_lease(root, "beam-echo", RunConfig()):  # as the driver does: commits are fenced
+        failures = run_on_beam(Echo(), root, None, [ShardSpec("beam-echo", "00000", ())], cfg)
     assert failures == {}
     m = read_manifest(root, "beam-echo", "00000")
     assert m.metrics == {"kept": True, "runner": "DirectRunner/in_memory x1"}
