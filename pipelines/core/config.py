@@ -31,6 +31,9 @@ class StageConfig:
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset()
     SECTION: ClassVar[str] = ""
+    # field -> "section.field" it takes when left unset (None): one setting, one place, e.g.
+    # evaluate's retrieval thresholds are the retrieve stage's unless evaluate sets its own
+    INHERITS: ClassVar[dict[str, str]] = {}
 
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)  # type: ignore[call-overload]

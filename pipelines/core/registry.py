@@ -78,7 +78,23 @@ def load_config(preset: str = "demo", file: str | None = None,
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(unknown[0], f"unknown config section; sections: {', '.join(sections)}")
-    return {s: build(cls, s, raw.get(s, {})) for s, cls in sections.items()}
+    return inherit({s: build(cls, s, raw.get(s, {})) for s, cls in sections.items()})
+
+
+def inherit(cfgs: dict[str, Any]) -> dict[str, Any]:
+    """Fill each section's unset (None) INHERITS fields from the sections they name."""
+    import dataclasses
+
+    out = dict(cfgs)
+    for name, cfg in cfgs.items():
+        fills = {}
+        for field, source in getattr(cfg, "INHERITS", {}).items():
+            section, other = source.split(".")
+            if getattr(cfg, field) is None and section in cfgs:
+                fills[field] = getattr(cfgs[section], other)
+        if fills:
+            out[name] = dataclasses.replace(cfg, **fills)
+    return out
 
 
 def config_to_dict(cfgs: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -94,7 +110,7 @@ def config_from_dict(data: dict[str, dict[str, Any]]) -> dict[str, Any]:
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise ConfigError(unknown[0], f"unknown config section; sections: {', '.join(sections)}")
-    return {s: build(cls, s, data.get(s, {})) for s, cls in sections.items()}
+    return inherit({s: build(cls, s, data.get(s, {})) for s, cls in sections.items()})
 
 
 def config_of(root: Any, stage_name: str, missing_ok: bool = False) -> Any:

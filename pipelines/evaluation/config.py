@@ -34,6 +34,9 @@ class EvaluateConfig(StageConfig):
     ra_checkpoint: str = "ra-cm3"  # train/<name>.pt evaluated as RA-CM3 (ablation variants have their own)
     vanilla_checkpoint: str = "vanilla"  # train/<name>.pt evaluated as vanilla CM3
     k: int = 2  # retrieved documents prepended to each prompt (RA-CM3, retrieval baseline uses the top 1)
+    INHERITS: ClassVar[dict[str, str]] = {
+        "query_sim_threshold": "retrieve.query_sim_threshold",
+        "redundancy_threshold": "retrieve.redundancy_threshold"}
     query_sim_threshold: float | None = None  # retrieval skips a candidate scoring above this with the query (unset = the retrieve stage's)
     redundancy_threshold: float | None = None  # retrieval skips a candidate this similar to a kept one (unset = the retrieve stage's)
     image_samples: int = 4  # images sampled per caption, best kept by CLIP score (paper 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.core.config import ConfigError
-from pipelines.core.registry import load_config
+from pipelines.core.registry import config_from_dict, config_to_dict, load_config
 
 
 def test_presets_load_and_validate():
@@ -58,3 +58,16 @@ def test_execution_fields_stay_out_of_the_fingerprint():
     a = load_config("demo", overrides=["download.threads=4"])["download"].params()
     b = load_config("demo", overrides=["download.threads=64"])["download"].params()
     assert a == b and "threads" not in a
+
+
+def test_evaluate_takes_the_retrieve_thresholds_unless_it_sets_its_own():
+    """One setting, one place: `--set retrieve.redundancy_threshold=...` reaches evaluate (whose
+    retrieval then changes: tests/pipelines/evaluation/test_evaluate.py), evaluate's own wins."""
+    cfgs = load_config("demo", overrides=["retrieve.redundancy_threshold=0.5",
+                                          "retrieve.query_sim_threshold=0.7"])
+    assert (cfgs["evaluate"].redundancy_threshold, cfgs["evaluate"].query_sim_threshold) == (0.5, 0.7)
+    own = load_config("demo", overrides=["retrieve.redundancy_threshold=0.5",
+                                         "evaluate.redundancy_threshold=0.8"])
+    assert own["evaluate"].redundancy_threshold == 0.8
+    again = config_from_dict(config_to_dict(cfgs))  # what flows pass between processes
+    assert again["evaluate"].redundancy_threshold == 0.5
