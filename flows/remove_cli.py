@@ -53,18 +53,18 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     root = DataRoot(args.data_root)
-    entries = [e for kind, values in wanted for e in removals.entries(kind, values, args.who, args.why)]
+    entries = [r for kind, values in wanted for r in removals.entries(kind, values, args.who, args.why)]
     found = match_removals(root, entries)
     # an image removed by its bytes is removed by its keys too, so filter drops its URL rows
     shas = {e.value for e in entries if e.kind == "sha256"}
     for key, sha in sorted(keys_of_sha256(root, shas).items()):
         entries += removals.entries("key", [key], args.who, f"sha256 {sha}; {args.why}".strip("; "))
     new = removals.append(root, entries)
-    for e in entries:
-        if (e.kind, e.value) not in found:
+    for entry in entries:
+        if (entry.kind, entry.value) not in found:
             continue  # a key resolved from a sha256 entry
-        n = found[(e.kind, e.value)]
-        print(f"{e.kind} {e.value}: {n} document{'s' * (n != 1)}"
+        n = found[(entry.kind, entry.value)]
+        print(f"{entry.kind} {entry.value}: {n} document{'s' * (n != 1)}"
               + ("" if n else "  (matches nothing now; recorded for future data)"))
     print(f"recorded {new} new entr{'ies' if new != 1 else 'y'} in {root.url(root.join(removals.PATH))}")
     if args.no_apply:

@@ -46,7 +46,7 @@ class PrefectTasks:
             on_result: OnResult) -> None:
         runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=job.run.shard_concurrency)
         with runner:
-            futures = {runner.submit(shard_task, {"stage": job.stage.name, "spec": spec,
+            futures: dict[Any, ShardSpec] = {runner.submit(shard_task, {"stage": job.stage.name, "spec": spec,
                                                   "run_shard": run_shard}): spec for spec in specs}
             for fut in as_completed(list(futures)):
                 try:
@@ -207,5 +207,5 @@ def run_stage_flow(stage_name: str, data_root: str, cfgs: dict[str, Any],
 
     state = stage_flow(stage_name)(data_root=data_root, config=config_to_dict(cfgs),
                                     force=force, return_state=True)
-    return report_of(state)
+    return report_of(state)  # type: ignore[arg-type]  # return_state=True: a State
 

@@ -65,7 +65,7 @@ def infill_prompt(vocab: Vocab, caption_ids: Sequence[int], codes: Sequence[int]
     doc = np.asarray(vocab.encode(caption_ids, codes), dtype=np.int64)
     s, e = box.span(grid)
     offset = len(caption_ids) + 1  # body index of image code 0: caption, then `" src="`
-    ids, positions = with_context(context, infilling_prompt(doc, (offset + s, offset + e), vocab))
+    ids, positions = with_context(context, infilling_prompt(doc, (offset + s, offset + e), vocab))  # type: ignore[arg-type]
     inside = box.inside(grid)[s:e]
     known = np.asarray(codes[s:e], dtype=np.int64) + vocab.image_offset
     forced = np.where(inside, -1, known)

@@ -191,8 +191,10 @@ class DownloadStage(Stage):
 
     def wants_rerun(self, cfg: DownloadConfig, manifest: Manifest) -> bool:
         """With `retry_statuses`, a done shard whose rows failed that way runs again."""
-        return bool(cfg.retry_statuses) and any(
-            is_transient(*reason.split(": ", 1), cfg.retry_statuses) for reason in manifest.dropped)
+        if not cfg.retry_statuses:
+            return False
+        parts = (reason.partition(": ") for reason in manifest.dropped)
+        return any(is_transient(status, msg, cfg.retry_statuses) for status, _, msg in parts)
 
     def run_shard(self, ctx: ShardContext, resources: object) -> ShardResult:
         urls = ctx.read_input(0)

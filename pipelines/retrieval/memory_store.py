@@ -84,7 +84,7 @@ class MappedStrings:
     def __getitem__(self, ids: Any) -> Any:
         """str for an int, else an object array of ids' shape (like indexing an object array)."""
         if np.isscalar(ids):
-            return self.one(int(ids))
+            return self.one(int(ids))  # type: ignore[arg-type]  # a scalar index
         ids = np.asarray(ids, dtype=np.int64)
         flat = ids.ravel()
         starts, ends = self.offsets[flat], self.offsets[flat + 1]
@@ -108,7 +108,7 @@ class MappedDigests:
 
     def __getitem__(self, ids: Any) -> Any:
         if np.isscalar(ids):
-            b = bytes(self.raw[int(ids)])
+            b = bytes(self.raw[int(ids)])  # type: ignore[arg-type]  # a scalar index
             return "" if b == NO_DIGEST else b.hex()
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.raw[ids.ravel()]
@@ -213,7 +213,7 @@ def open_store(root: DataRoot, artifact: Any, parts: int) -> MemoryStore:
 # ---------------------------------------------------------------------------- writing
 
 
-def _npy_header(f: IO[bytes], shape: tuple[int, ...], dtype: np.dtype) -> None:
+def _npy_header(f: IO[bytes], shape: tuple[int, ...], dtype: Any) -> None:
     """A .npy header for an array whose rows are then written straight after it."""
     np.lib.format.write_array_header_1_0(
         f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
@@ -227,7 +227,7 @@ class MemoryWriter:
     are known up front (from the shards' footers and the encoder) so .npy headers come first.
     """
 
-    def __init__(self, open_file: Any, n: int, d: int, dtype: np.dtype, parts: int):
+    def __init__(self, open_file: Any, n: int, d: int, dtype: Any, parts: int):
         self.n, self.parts, self.row = n, parts, 0
         self.f = {s: open_file(s) for s in STORE_FILES if s not in ("key-hash.npy", "key-order.npy")}
         self.rows = [open_file(rows_file(p)) for p in range(parts)] if parts > 1 else []
