@@ -115,15 +115,17 @@ class EmbedStage(Stage):
         t0 = time.time()
         emb = embed_rows(encoder, rows, cfg.batch_size)
         seconds = time.time() - t0
-        keep = emb["has_text"] | emb["has_image"]
+        # as booleans: an empty shard's masks are empty arrays of no particular dtype
+        has_text, has_image = (np.asarray(emb[k], dtype=bool) for k in ("has_text", "has_image"))
+        keep = has_text | has_image
         ctx.write_table(to_table(rows, emb, keep, encoder.info.dim, cfg.dtype))
         return ShardResult(
             rows_in=table.num_rows, rows_out=int(keep.sum()),
             dropped={"failed_download": failed, "no_content": int((~keep).sum())},
             metrics={"encoder": fp, "model": cfg.model, "checkpoint": ctx.spec.inputs[1].path,
                      "dim": encoder.info.dim, "dtype": cfg.dtype,
-                     "missing_part": {"empty_caption": int((~emb["has_text"]).sum()),
-                                      "undecodable_image": int((~emb["has_image"]).sum())},
+                     "missing_part": {"empty_caption": int((~has_text).sum()),
+                                      "undecodable_image": int((~has_image).sum())},
                      "docs_per_s": round(len(rows) / max(seconds, 1e-9), 1)})
 
 

@@ -83,3 +83,14 @@ def test_missing_checkpoint_names_the_file(tmp_path):
     make_download_shard(r, "00000", n=1, size=32)
     with pytest.raises(FileNotFoundError, match="fit-clip/model.pt"):
         EmbedStage().plan(r, EmbedConfig())
+
+
+def test_an_empty_download_shard_gives_an_empty_embed_shard(root):
+    write_checkpoint(root)
+    make_download_shard(root, "00000", n=0)
+    make_download_shard(root, "00001", n=0, start=0, failures=2)
+    report = run_stage("embed", root, configs())
+    assert report.ok, report.failed
+    for sid in ("00000", "00001"):
+        m = read_manifest(root, "embed", sid)
+        assert m.rows_out == 0 and read_table(root, root.artifact("embed", sid, "parquet")).num_rows == 0
