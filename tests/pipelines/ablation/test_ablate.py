@@ -16,8 +16,23 @@ from pipelines.ablation.variants import VARIANTS, select
 from pipelines.training.train import TrainConfig
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
+from tests.factories import NAMES
 from tests.pipelines.evaluation.test_evaluate import EVAL, TRAIN, trained  # noqa: F401  (fixture)
 from tests.pipelines.retrieval.retrieval_helpers import configs
+
+
+def with_entities(root: DataRoot) -> None:
+    """Name each evaluation image's entity, as the demo generator does (`racm3_entities`): images
+    0-2 render entities 0-2, image 3 is a copy of memory document 8 (entity 8 % 8 = 0)."""
+    import json
+
+    path = root.join("coco", "captions_val.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["racm3_entities"] = {str(im["id"]): NAMES[im["id"] if im["id"] < 3 else 0]
+                              for im in data["images"]}
+    with open(path, "w") as f:
+        json.dump(data, f)
 
 
 def test_rows_judge_directions_against_the_reference_row():
@@ -40,6 +55,7 @@ def test_rows_judge_directions_against_the_reference_row():
 
 @pytest.mark.slow
 def test_every_variant_trains_its_own_checkpoint_and_is_evaluated(trained):  # noqa: F811
+    with_entities(trained)  # the oracle control needs each image's entity (demo splits have it)
     cfgs = configs(train=TrainConfig(**TRAIN),
                    evaluate=dataclasses.replace(EVAL, bootstrap=20, shard_images=0))
     table = ablate(trained, cfgs)
