@@ -22,6 +22,7 @@ from PIL import Image
 from pipelines.core.config import StageConfig
 from pipelines.core.stage import ShardContext, ShardResult, ShardSpec, Stage
 from pipelines.retrieval.encoders import EncoderCache, embed_encoder
+from pipelines.retrieval.faiss_index import vectors
 from storage.coco import coco_ref, load_coco
 from storage.fs import DataRoot
 from storage.manifest import list_manifests, upstream_ref
@@ -81,14 +82,6 @@ def best_scores(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
     return best
 
 
-def _vectors(table: pa.Table, column: str) -> np.ndarray:
-    col = table[column].combine_chunks()
-    dim = col.type.list_size
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    out = flat.reshape(-1, dim) if len(flat) else np.zeros((0, dim), np.float32)
-    return np.nan_to_num(out)
-
-
 class DecontaminateStage(Stage):
     name = "decontaminate"
     version = "1"
@@ -117,7 +110,7 @@ class DecontaminateStage(Stage):
                                       ("text", captions, "text_emb", cfg.text_threshold)):
                 if not len(q) or not len(keys):
                     continue
-                best = best_scores(q, _vectors(emb, col))
+                best = best_scores(q, vectors(emb, col))  # zeros where the part is missing
                 for i in np.flatnonzero(best > thr):
                     for f, v in zip(DECONTAMINATE_SHARD.names,
                                     (keys[i], split, kind, float(best[i])), strict=True):
