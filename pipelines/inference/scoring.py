@@ -1,6 +1,6 @@
 """Text and image perplexity of a trained decoder, with or without documents in context.
 
-No leakage (DESIGN.md): image perplexity is scored with documents retrieved by the caption,
+No leakage (the paper's §3.4; README, "Results a researcher can trust"): image perplexity is scored with documents retrieved by the caption,
 caption perplexity with documents retrieved by the image; the caller supplies both lists
 (`pipelines.evaluation.perplexity` builds them for held-out documents).
 
