@@ -47,6 +47,7 @@ class AssemblyConfig:
     mask_prob: float = 0.5  # probability of CM3 causal masking of the main document
     max_spans: int = 1  # masked spans per masked document, drawn from 1..max_spans
     max_span_frac: float = 0.5  # a span covers at most this fraction of the document
+    caption_span_prob: float = 0.0  # share of masked documents whose one span is the whole caption; 0 = paper
     random_neighbours: bool = False  # "random at train" ablation: random documents, not retrieved
     overlong: str = "truncate"  # a main document longer than seq_len: "truncate" or "drop"
     caption_dropout: float = 0.0  # share of main documents with the caption dropped (guidance); 0 = paper
@@ -152,10 +153,25 @@ def maybe_drop_caption(rng: np.random.Generator, doc: np.ndarray, cfg: AssemblyC
     return np.concatenate([doc[:1], doc[src:]])
 
 
+def caption_span(doc: np.ndarray) -> tuple[int, int] | None:
+    """The caption as a span of the document's body (`mask_spans`' coordinates); None when empty."""
+    n = int(np.flatnonzero(doc == IMG_SRC)[0]) - 1
+    return (0, n) if n > 0 else None
+
+
 def maybe_mask(rng: np.random.Generator, doc: np.ndarray, vocab: Vocab,
                cfg: AssemblyConfig) -> np.ndarray:
+    """CM3 causal masking at rate mask_prob. A share caption_span_prob of the masked documents
+    mask exactly their caption: the form image->caption prompts with (`image_to_text_prompt`),
+    which random spans almost never produce on short captions, so a model trained on random
+    spans only fills in caption fragments ("pictured on sky"). No draw at rate 0: runs without it
+    keep their random stream."""
     if cfg.mask_prob <= 0 or rng.random() >= cfg.mask_prob or vocab.n_sentinels == 0:
         return doc
+    if cfg.caption_span_prob > 0 and rng.random() < cfg.caption_span_prob:
+        span = caption_span(doc)
+        if span is not None:
+            return mask_spans(doc, [span], vocab)
     spans = draw_spans(rng, len(doc) - 2, min(cfg.max_spans, vocab.n_sentinels), cfg.max_span_frac)
     return mask_spans(doc, spans, vocab)
 

@@ -75,7 +75,7 @@ DEFAULT_THREADS = torch.get_num_threads()  # captured at import, before any stag
 class TrainConfig(StageConfig, AssemblyConfig):
     """Section [train]: what to train (variant, model) and how (optimizer, devices); the data
     assembly fields (k_max, alpha, mask_prob, max_spans, max_span_frac, random_neighbours,
-    overlong, caption_dropout) are `AssemblyConfig`'s, declared there once."""
+    overlong, caption_dropout, caption_span_prob) are `AssemblyConfig`'s, declared there once."""
 
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"accelerator", "devices", "strategy", "num_workers", "threads", "checkpoint_every",
@@ -138,6 +138,7 @@ class TrainConfig(StageConfig, AssemblyConfig):
         self.check(0 <= self.mask_prob <= 1, "mask_prob", "must be in [0, 1]")
         self.check(self.max_spans >= 1, "max_spans", "must be >= 1")
         self.check(0 < self.max_span_frac <= 1, "max_span_frac", "must be in (0, 1]")
+        self.check(0 <= self.caption_span_prob <= 1, "caption_span_prob", "must be in [0, 1]")
         self.check(self.overlong in ("truncate", "drop"), "overlong", "must be truncate or drop")
         self.check(0 <= self.holdout_fraction < 1, "holdout_fraction", "must be in [0, 1)")
         self.check(0 <= self.caption_dropout < 1, "caption_dropout", "must be in [0, 1)")

@@ -23,6 +23,7 @@ from pipelines.training.sequences import (
     collate,
     draw_spans,
     draw_unit,
+    maybe_mask,
 )
 from pipelines.training.token_store import open_store
 from storage.fs import DataRoot
@@ -176,6 +177,24 @@ def test_mask_spans_format():
     spans = draw_spans(np.random.default_rng(0), 20, 4, 0.3)
     assert all(0 <= s < e <= 20 for s, e in spans)
     assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False))
+
+
+def test_caption_span_masks_the_whole_caption_in_the_prompt_form():
+    """caption_span_prob = 1: every masked document is `<img alt="` <mask:0> `" src="` image
+    `">` <infill> <mask:0> caption <eos>, the form image->caption generation prompts with."""
+    from model.cm3.format import image_to_text_prompt
+
+    v = Vocab(n_text=10, n_image=10)
+    doc = np.array(v.encode([1, 2, 3], [4, 5]))
+    cfg = AssemblyConfig(mask_prob=1.0, caption_span_prob=1.0)
+    out = maybe_mask(np.random.default_rng(0), doc, v, cfg).tolist()
+    prompt, _ = image_to_text_prompt(v, [4, 5])
+    assert out[: len(prompt)] == prompt
+    assert out[len(prompt):] == [*doc[1:4].tolist(), EOS]
+    # at rate 0 the random spans keep their stream: the same rng draws give the same masking
+    a = maybe_mask(np.random.default_rng(3), doc, v, AssemblyConfig(mask_prob=1.0)).tolist()
+    b = maybe_mask(np.random.default_rng(3), doc, v, AssemblyConfig(mask_prob=1.0, caption_span_prob=0.0)).tolist()
+    assert a == b
 
 
 def test_packing_counts_and_overlong_rules(root):
