@@ -53,7 +53,8 @@ GOAL = 1.25
 TIME = "/usr/bin/time"
 PORT = 18797
 BASE = ["demo.eval_images=10", "demo.dev_images=10", f"demo.port={PORT}", "filter.shard_size=200",
-        "embed.checkpoint=weights/clip.pt", "fit_vqgan.max_steps=5", "fit_vqgan.max_seconds=20",
+        "embed.checkpoint=weights/clip.pt", "fit_vqgan.max_steps=5",
+        "fit_vqgan.max_seconds=900",  # a safety stop only: 5 steps take seconds, more under load
         "fit_vqgan.kmeans_patches=5000", "retrieve.batch_size=256", "retrieve.variants=1", "beam.direct_num_workers=1"]
 
 

@@ -1,13 +1,17 @@
 """Benchmark tokenize: images/s of the Beam stage vs a plain batched VQGAN encode loop, same shard, same run.
 
 Usage: python benchmarks/bench_tokenize.py [--images 800] [--image-size 32] [--repeats 2]
+                                          [--shards 4] [--modes auto,multi_processing]
 Prints both rates, their ratio (goal >= 0.87x) and peak RSS of this process (the Beam worker runs
-in-process under the DirectRunner, so it is the worker's peak too).
+in-process under the DirectRunner, so it is the worker's peak too). Then the same images in
+`--shards` shards, the whole stage run on all cores in each of `--modes`, against the shards' own
+compute per worker (goal >= 0.9x).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -20,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.download_shards import make_download_shard  # noqa: E402
+from benchmarks.stage_overhead import compare_modes  # noqa: E402
 from model.images import load_image, to_tensor  # noqa: E402
 from model.text_tokenizer import train_bpe  # noqa: E402
 from model.vqgan import VQGAN, save_checkpoint  # noqa: E402
@@ -58,6 +63,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=4, help="shards of the all-cores runs")
+    ap.add_argument("--modes", default="auto,multi_processing",
+                    help="beam.direct_running_mode of each all-cores run ('' none)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
@@ -74,7 +82,13 @@ def main() -> None:
             base = plain_loop(root, cfg)
             beam = beam_stage(root, cfg, args.images)
             print(f"run {r}: plain loop {base:8.1f} img/s   beam stage {beam:8.1f} img/s   "
-                  f"ratio {beam / base:.2f}x")
+                  f"ratio {beam / base:.2f}x", flush=True)
+        many, per = DataRoot(f"{d}/many"), args.images // args.shards
+        for i in range(args.shards):
+            make_download_shard(many, f"{i:05d}", n=per, start=i * per)
+        print(f"all cores ({os.cpu_count()} workers), {per * args.shards} images:")
+        compare_modes("tokenize", many, {"tokenize": cfg, "run": RunConfig()},
+                      [m for m in args.modes.split(",") if m], per * args.shards, "img")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS (driver + in-process DirectRunner worker): {peak:.0f} MiB")
 

@@ -27,6 +27,7 @@ SMALL: dict[str, list[str]] = {  # script -> arguments for the quick run
     "bench_fit_vqgan.py": ["--steps", "4", "--repeats", "1"],
     "bench_gpu.py": ["--quick"],
     "bench_index.py": ["--n", "20000", "--queries", "200", "--ivf", "IVF64,PQ8", "--nprobe", "4"],
+    "bench_memory.py": ["--sizes", "20000,80000", "--queries", "200"],
     "bench_pack.py": ["--sizes", "1,4", "--old-sizes", "1,4"],
     "bench_retrieve.py": ["--queries", "200"],
     "bench_sampling.py": ["--repeat", "1", "--new", "16"],

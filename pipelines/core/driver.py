@@ -84,7 +84,8 @@ def run_beam(job: Job, specs: list[ShardSpec], on_result: OnResult) -> None:
     from pipelines.core.beam import run_on_beam
 
     with ManifestWatch(job, specs, on_result) as watch:
-        failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner)
+        failures = run_on_beam(job.stage, job.root, job.cfg, specs, job.beam, job.run, job.owner,
+                               on_shard=watch.shard_ran)
     watch.finish(failures)
 
 
@@ -125,6 +126,11 @@ class ManifestWatch:
             spec = self.left.pop(sid, None)
         if spec is not None:
             self.on_result(spec, m, error)
+
+    def shard_ran(self, sid: str, error: str) -> None:
+        """A shard run in this process reports itself at once (no poll to wait for)."""
+        m = None if error else read_manifest(self.job.root, self.job.stage.name, sid)
+        self._report(sid, m, error or (None if m else "no manifest after the shard ran"))
 
     def finish(self, failures: dict[str, str]) -> None:
         for sid in list(self.left):

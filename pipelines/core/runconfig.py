@@ -32,6 +32,9 @@ class RunConfig(StageConfig):
         self.check(self.lease_ttl_s >= 3, "lease_ttl_s", "must be >= 3 seconds")
 
 
+MODES = ("auto", "in_memory", "multi_threading", "multi_processing")
+
+
 @dataclass(frozen=True)
 class BeamConfig(StageConfig):
     """Beam runner for the data-parallel stages (embed, tokenize, retrieve)."""
@@ -39,11 +42,16 @@ class BeamConfig(StageConfig):
     SECTION = "beam"
     runner: str = "DirectRunner"  # or DataflowRunner, FlinkRunner, SparkRunner, the Dask runner
     options: tuple[str, ...] = ()  # extra pipeline options, e.g. ["--dask_client_address=..."]
-    # DirectRunner parallelism (each worker loads the model once): one worker process per core
+    # DirectRunner parallelism (each worker loads the model once): one worker per core
     direct_num_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    direct_running_mode: str = "multi_processing"  # or multi_threading / in_memory (with 1 worker: in_memory)
+    # "auto": below process_min_rows input rows the shards run on direct_num_workers threads of
+    # this process (no worker start-up: ~15 s per stage on 2 cores), from there on one worker
+    # process each; or multi_processing / multi_threading / in_memory (Beam's own modes, always)
+    direct_running_mode: str = "auto"
+    process_min_rows: int = 100_000  # "auto": rows of the pending shards' first inputs
 
     def __post_init__(self) -> None:
         self.check(self.direct_num_workers >= 1, "direct_num_workers", "must be >= 1")
-        self.check(self.direct_running_mode in ("in_memory", "multi_threading", "multi_processing"),
-                   "direct_running_mode", "must be in_memory, multi_threading or multi_processing")
+        self.check(self.direct_running_mode in MODES, "direct_running_mode",
+                   "must be auto, in_memory, multi_threading or multi_processing")
+        self.check(self.process_min_rows >= 0, "process_min_rows", "must be >= 0")
