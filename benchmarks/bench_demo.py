@@ -24,6 +24,8 @@ from storage.manifest import list_manifests  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--until", help="stop after this stage (a shorter benchmark)")
+    ap.add_argument("--timeout-s", type=float, default=3600.0,
+                    help="fail (with the demo's last output) if it has not exited by then")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         # this checkout's CLI (the installed `racm3` script may import another copy)
@@ -32,8 +34,15 @@ def main() -> None:
             cmd += ["--until", args.until]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                              text=True)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                  text=True, timeout=args.timeout_s)
+        except subprocess.TimeoutExpired as e:  # a hang (e.g. a server that will not stop) fails
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout
+            print((out or "")[-3000:], file=sys.stderr)
+            raise SystemExit(f"bench_demo: `{' '.join(cmd)}` still running after "
+                             f"{args.timeout_s:.0f} s (--timeout-s); load "
+                             f"{os.getloadavg()[0]:.1f}") from None
         if proc.returncode:  # say why, not just that it failed
             print(proc.stdout[-3000:], file=sys.stderr)
             raise SystemExit(f"bench_demo: `{' '.join(cmd)}` exited {proc.returncode}")
@@ -45,7 +54,7 @@ def main() -> None:
     for stage, secs in sorted(work.items(), key=lambda kv: -kv[1]):
         print(f"demo: {stage:<15} {secs:8.1f} s stage work")
     print(f"demo: wall {wall:.1f} s, stage work {total:.1f} s, orchestration {wall - total:.1f} s "
-          f"= {(wall - total) / wall:.1%} of the run (goal <= 10%)")
+          f"= {(wall - total) / wall:.1%} of the run (goal <= 10%); load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -59,17 +59,17 @@ class ShardDoFn(beam.DoFn):
 
 def direct_workers(bcfg: BeamConfig, shards: int | None = None,
                    rows: int | None = None) -> tuple[int, str]:
-    """(workers, running mode) of the DirectRunner: never more workers than shards; one worker
-    runs in this process (a worker process gains nothing for one shard and costs its start-up:
-    ~15 s on 2 loaded cores); mode "auto" is "in_process" (threads of this process, no Beam)
-    below `process_min_rows` input rows and "multi_processing" from there on."""
+    """(workers, running mode) of the DirectRunner: never more workers than shards. Mode "auto"
+    is "in_process" (threads of this process, no Beam pipeline) below `process_min_rows` input
+    rows; otherwise one worker runs in this process (`in_memory`: a worker process gains nothing
+    for one shard and costs its start-up, ~15 s on 2 cores) and several are worker processes."""
     workers = max(1, min(bcfg.direct_num_workers, shards or bcfg.direct_num_workers))
+    auto = bcfg.direct_running_mode == "auto"
+    if auto and (rows is None or rows < bcfg.process_min_rows):
+        return workers, "in_process"
     if workers == 1:
         return 1, "in_memory"
-    if bcfg.direct_running_mode != "auto":
-        return workers, bcfg.direct_running_mode
-    small = rows is None or rows < bcfg.process_min_rows
-    return workers, "in_process" if small else "multi_processing"
+    return workers, "multi_processing" if auto else bcfg.direct_running_mode
 
 
 def runner_label(bcfg: BeamConfig, shards: int | None = None, rows: int | None = None) -> str:
@@ -110,7 +110,7 @@ def run_on_beam(stage: Stage, root: DataRoot, cfg: Any, specs: list[ShardSpec],
         if root.exists(_failure_path(root, stage.name, spec.shard_id)):
             root.fs.rm(_failure_path(root, stage.name, spec.shard_id))
     user_decides = any(o.startswith(("--runner", "--direct_")) for o in bcfg.options)
-    auto = bcfg.runner == "DirectRunner" and bcfg.direct_running_mode == "auto" and len(specs) > 1
+    auto = bcfg.runner == "DirectRunner" and bcfg.direct_running_mode == "auto"
     rows = input_rows(root, specs) if auto and not user_decides else None
     label = "" if user_decides else runner_label(bcfg, len(specs), rows)
     why = f" ({rows:,} input rows, beam.process_min_rows {bcfg.process_min_rows:,})" if auto and rows is not None else ""

@@ -32,7 +32,8 @@ def test_workers_follow_the_shard_count():
     assert direct_workers(cfg, 1) == (1, "in_memory")
     assert direct_workers(cfg, 2) == (2, "multi_processing")
     assert direct_workers(cfg, 50) == (2, "multi_processing")
-    assert direct_workers(BeamConfig(direct_num_workers=1), 50) == (1, "in_memory")
+    one = BeamConfig(direct_num_workers=1, direct_running_mode="multi_processing")
+    assert direct_workers(one, 50) == (1, "in_memory")
     assert runner_label(cfg, 1) == "DirectRunner/in_memory x1"
     assert runner_label(cfg, 9) == "DirectRunner/multi_processing x2"
 
@@ -74,6 +75,7 @@ def test_auto_mode_routes_by_input_rows():
     assert direct_workers(cfg, 4, 999) == (2, "in_process")
     assert direct_workers(cfg, 4, 1000) == (2, "multi_processing")
     assert direct_workers(cfg, 1, 10**9) == (1, "in_memory")
+    assert direct_workers(cfg, 1, 10) == (1, "in_process")  # no Beam pipeline for a small shard
     assert runner_label(cfg, 4, 10) == "InProcess/threads x2"
     assert runner_label(cfg, 4, 5000) == "DirectRunner/multi_processing x2"
 
