@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SMALL: dict[str, list[str]] = {  # script -> arguments for the quick run
     "bench_demo.py": ["--until", "download"],
-    "bench_download.py": ["--entities", "60", "--threads", "4"],
+    "bench_download.py": ["--entities", "300", "--threads", "4", "--no-processes"],
     "bench_embed.py": ["--docs", "64", "--batch-size", "32"],
     "bench_filter.py": ["--rows", "50000"],
     "bench_fit_vqgan.py": ["--steps", "4", "--repeats", "1"],
