@@ -48,21 +48,19 @@ class Dtypes(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-@pytest.mark.parametrize("precision,logits", [("bf16-mixed", torch.bfloat16),
-                                              ("32-true", torch.float32)])
-def test_precision_switch_changes_what_runs(tmp_path, precision, logits):
+def test_bf16_mixed_trains_with_bf16_matmuls_and_saves_float32(tmp_path):
     root = DataRoot(str(tmp_path / "data"))
     make_corpus(root, n=12, shards=2, packed=True)
     seen = Dtypes()
-    cfg = TrainConfig(max_steps=30, precision=precision, **FAST)
+    cfg = TrainConfig(max_steps=20, precision="bf16-mixed", **FAST)
     m = train(root, cfg, seen)
-    assert seen.logits == {logits} and seen.weights == {torch.float32}
-    first, last = sum(seen.losses[:5]) / 5, sum(seen.losses[-5:]) / 5
+    assert seen.logits == {torch.bfloat16} and seen.weights == {torch.float32}
+    first, last = sum(seen.losses[:4]) / 4, sum(seen.losses[-4:]) / 4
     assert last < 0.8 * first, seen.losses  # it trains
-    assert m.metrics["precision"] == precision and m.metrics["steps"] == 30
+    assert m.metrics["precision"] == "bf16-mixed" and m.metrics["steps"] == 20
     model, _, rec = load_trained(root)  # evaluation loads float32 weights, no autocast
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert rec["train"]["precision"] == precision
+    assert rec["train"]["precision"] == "bf16-mixed"
     batch, _ = batch_from(root, 4, seq_len=72)
     with torch.no_grad():
         assert sequence_losses(model, batch)["loss"].dtype == torch.float32
