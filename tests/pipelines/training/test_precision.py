@@ -16,7 +16,7 @@ from tests.pipelines.training.corpus_factory import make_corpus
 from tests.pipelines.training.test_train import batch_from
 
 FAST = dict(batch_size=4, seq_len=72, progress_bar=False, log_every=1, warmup_steps=2,
-            accelerator="cpu", lr=1e-2)
+            accelerator="cpu", lr=1e-2, n_layer=1, d_model=32, n_head=2)
 
 
 def train(root: DataRoot, cfg: TrainConfig, seen: L.Callback):
@@ -52,12 +52,12 @@ def test_bf16_mixed_trains_with_bf16_matmuls_and_saves_float32(tmp_path):
     root = DataRoot(str(tmp_path / "data"))
     make_corpus(root, n=12, shards=2, packed=True)
     seen = Dtypes()
-    cfg = TrainConfig(max_steps=20, precision="bf16-mixed", **FAST)
+    cfg = TrainConfig(max_steps=16, precision="bf16-mixed", **FAST)
     m = train(root, cfg, seen)
     assert seen.logits == {torch.bfloat16} and seen.weights == {torch.float32}
     first, last = sum(seen.losses[:4]) / 4, sum(seen.losses[-4:]) / 4
     assert last < 0.8 * first, seen.losses  # it trains
-    assert m.metrics["precision"] == "bf16-mixed" and m.metrics["steps"] == 20
+    assert m.metrics["precision"] == "bf16-mixed" and m.metrics["steps"] == 16
     model, _, rec = load_trained(root)  # evaluation loads float32 weights, no autocast
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert rec["train"]["precision"] == "bf16-mixed"
