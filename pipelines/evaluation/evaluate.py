@@ -83,7 +83,7 @@ class EvaluatePartStage(Stage):
     name = "evaluate-part"
     config = EvaluateConfig
     section = "evaluate"  # one set of settings for the shards and the reduce
-    version = "1"
+    version = "2"  # 2: records say whether each generated caption names the image's entity
     description = "one shard of evaluation images: sample, rerank, perplexities, judge features"
 
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
