@@ -187,7 +187,8 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
                                "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "context": cfg.context, "memory": cfg.memory},
+                               "context": cfg.context, "memory": cfg.memory,
+                               "guidance": cfg.guidance},
                   "_part": part}
 
 
