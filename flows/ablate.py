@@ -63,23 +63,28 @@ NOVEL_ENTITIES, NOVEL_DOCS = 40, 3  # `racm3 novel`'s defaults
 
 def collect(base: Any, seeds: list[int]) -> dict[str, Any]:
     """seeds.json and seeds.md from the seed roots' evaluations: the main table, the controls
-    (evaluate/oracle, evaluate/random) and the novel entities (evaluate/novel) where present."""
+    (evaluate/oracle, evaluate/random), the novel entities (evaluate/novel) and the guidance rows
+    (evaluate/guidance_w*, from `racm3 ablate`) where present."""
     from pipelines.ablation.controls import CONTROLS, controls_markdown
+    from pipelines.ablation.guidance_table import evaluation_name, guidance_seeds_markdown
     from pipelines.ablation.novel_table import novel_seeds_markdown
     from pipelines.ablation.run import child_root, read_json
     from pipelines.ablation.seeds import over_seeds, seeds_markdown
+    from pipelines.ablation.variants import VARIANTS
 
+    guided = {evaluation_name(v): v.name for v in VARIANTS if v.table == "Guidance"}
     evaluations: dict[int, dict[str, dict[str, Any]]] = {}
     for s in seeds:
         root = child_root(base, f"seed-{s}")
-        for name in ("main", *CONTROLS, "novel"):
+        for name in ("main", *CONTROLS, "novel", *guided):
             path = root.artifact("evaluate", name, "metrics.json")
             if root.exists(path):
-                evaluations.setdefault(s, {})[name] = read_json(root, path)
+                evaluations.setdefault(s, {})[guided.get(name, name)] = read_json(root, path)
     main = {s: ev["main"] for s, ev in evaluations.items() if "main" in ev}
     novel = {s: ev["novel"] for s, ev in evaluations.items() if "novel" in ev}
+    guidance = {s: {k: v for k, v in ev.items() if k in guided.values()} for s, ev in evaluations.items()}
     summary: dict[str, Any] = {"seeds": sorted(main), "over_seeds": over_seeds(main)}
-    controls = {s: {("retrieved" if k == "main" else k): v for k, v in ev.items() if k != "novel"}
+    controls = {s: {("retrieved" if k == "main" else k): ev[k] for k in ("main", *CONTROLS) if k in ev}
                 for s, ev in evaluations.items()}
     if any(c in ev for ev in controls.values() for c in CONTROLS):
         summary["controls"] = {c: over_seeds({s: ev[c] for s, ev in controls.items() if c in ev})
@@ -88,7 +93,7 @@ def collect(base: Any, seeds: list[int]) -> dict[str, Any]:
         summary["novel"] = {"seeds": sorted(novel), "over_seeds": over_seeds(novel)}
     base.write_bytes_atomic(base.join("seeds.json"), json.dumps(summary, indent=2).encode())
     parts = [seeds_markdown(summary["over_seeds"], summary["seeds"]), controls_markdown(controls),
-             novel_seeds_markdown(novel)]
+             novel_seeds_markdown(novel), guidance_seeds_markdown(guidance)]
     summary["markdown"] = "\n\n".join(p for p in parts if p) + "\n"
     base.write_bytes_atomic(base.join("seeds.md"), summary["markdown"].encode())
     return summary

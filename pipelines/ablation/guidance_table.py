@@ -38,3 +38,37 @@ def guidance_markdown(variants: list[Variant], evaluations: dict[str, dict[str, 
         "Both models trained with `train.caption_dropout = 0.1` (checkpoints `guidance-w0`, "
         "`guidance-w0-vanilla`), caption -> image sampled with `evaluate.guidance = w` (0 = off); "
         "test split, [95% bootstrap interval over test images].", "", md_table(header, rows)])
+
+
+def evaluation_name(v: Variant) -> str:
+    """The evaluate output a variant writes (`evaluate/<name>`): run.py's naming."""
+    return v.name.replace("-", "_")
+
+
+def guidance_seeds_markdown(per_seed: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Over seeds (each seed root's `racm3 ablate --only guidance-w1,guidance-w3`): per weight,
+    each model's CLIP score, FID-type and KID as mean ± sd, and RA - vanilla on the CLIP score with
+    the seeds whose paired interval excludes 0; "" when no seed has a guidance evaluation."""
+    from pipelines.ablation.seeds import fmt_cell, metric_key, over_seeds
+    from pipelines.ablation.variants import VARIANTS
+
+    rows, seeds = [], set()
+    for v in (v for v in VARIANTS if v.table == "Guidance"):
+        have = {s: ev[v.name] for s, ev in per_seed.items() if v.name in ev}
+        if not have:
+            continue
+        seeds |= set(have)
+        summary = over_seeds(have)
+        cells = [fmt_cell(summary.get(m, {}).get(metric_key(summary.get(m, {}), col) or ""))
+                 for col in ("CLIP-score", "FID", "KID") for m, _ in MODELS]
+        diff = summary.get("ra-cm3 - vanilla", {}).get("CLIP-score")
+        rows.append([f"{v.evaluate['guidance']:g}", *cells, fmt_cell(diff)])
+    if not rows:
+        return ""
+    header = ["guidance w"] + [f"{label} {col}" for col in ("CLIP score ↑", "FID-type ↓", "KID ↓")
+                               for _, label in MODELS] + ["RA − vanilla CLIP score"]
+    return "\n".join([
+        f"## Guidance as trained for (seeds {', '.join(map(str, sorted(seeds)))})", "",
+        "Both models trained with `train.caption_dropout = 0.1`, caption -> image sampled with "
+        "`evaluate.guidance = w`; mean ± sd over seeds, (a↓ b↑ of n): seeds whose paired 95% "
+        "interval lies wholly below / above 0.", "", md_table(header, rows)])

@@ -16,7 +16,7 @@ import math
 import posixpath
 from typing import Any
 
-from pipelines.ablation.guidance_table import guidance_markdown
+from pipelines.ablation.guidance_table import evaluation_name, guidance_markdown
 from pipelines.ablation.table import html_page, markdown, rows
 from pipelines.ablation.variants import Variant, select
 from pipelines.core.report import StageReport
@@ -89,7 +89,7 @@ def run_variant(base: DataRoot, cfgs: dict[str, Any], v: Variant) -> dict[str, A
         vanilla = v.vanilla_name
         train(root, c, v, v.train_vanilla | {"variant": "vanilla", "name": vanilla})
     c["evaluate"] = dataclasses.replace(cfgs["evaluate"], **({"generate": False} | v.evaluate),
-                                        name=v.name.replace("-", "_"), ra_checkpoint=ra,
+                                        name=evaluation_name(v), ra_checkpoint=ra,
                                         vanilla_checkpoint=vanilla)
     for stage in ("evaluate-part", "evaluate"):
         check(run_stage(stage, root, c), stage, v)

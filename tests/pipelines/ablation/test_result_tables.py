@@ -57,6 +57,8 @@ def test_seeds_table_shows_the_controls_beside_retrieved_and_the_novel_entities(
         write_metrics(root, "random", metrics(2 * x, rank1=5.0))
         if s < 2:
             write_metrics(root, "novel", metrics(x + 1))
+        for w in (0, 3):  # `racm3 ablate --only guidance-w3` on the seed root
+            write_metrics(root, f"guidance_w{w}", metrics(x + w))
     summary = collect(base, [0, 1, 2])
     md = base.fs.read_text(base.join("seeds.md"))
     assert md == summary["markdown"] and "## Controls" in md and "## Novel entities (seeds 0, 1)" in md
@@ -73,6 +75,10 @@ def test_seeds_table_shows_the_controls_beside_retrieved_and_the_novel_entities(
     saved = json.loads(base.fs.read_text(base.join("seeds.json")))
     assert saved["controls"]["oracle"]["ra-cm3"]["image ppl"]["mean"] == 2.0
     assert saved["novel"]["seeds"] == [0, 1] and saved["seeds"] == [0, 1, 2]
+    guidance = md.split("## Guidance as trained for (seeds 0, 1, 2)")[1].splitlines()
+    w3 = next(line for line in guidance if line.startswith("| 3 |"))
+    assert w3.startswith("| 3 | 0.5 ± 0.1 | 0.3 ± 0 |")  # RA-CM3's CLIP score (x + 3) / 10, vanilla's
+    assert not any(line.startswith("| 1 |") for line in guidance)  # w = 1 not evaluated
     assert "(n=2)" in novel_seeds_markdown({0: metrics(2.0), 1: metrics(3.0)})
     assert controls_markdown({0: {"retrieved": metrics(1.0)}}) == ""  # no control evaluated
 
