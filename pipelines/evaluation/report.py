@@ -217,7 +217,9 @@ def facts(metrics: dict[str, Any]) -> list[str]:
             f"({g['image_near_duplicates']} image near-duplicates above {g['image_threshold']}, "
             f"{g['text_near_duplicates']} caption near-duplicates above {g['text_threshold']}).",
             f"Settings: K = {st['k']} retrieved documents, {st['image_samples']} images per caption "
-            f"(best by CLIP score), {st['caption_samples']} captions per image (lowest perplexity).",
+            f"(best by CLIP score), {st['caption_samples']} captions per image (lowest perplexity)"
+            + (f"; context = {st['context']}" if st.get("context", "retrieved") != "retrieved" else "")
+            + (f"; caption guidance w = {st['guidance']:g}" if st.get("guidance") else "") + ".",
             f"Image distance features: {metrics['fid_features']}"
             + ("" if metrics["fid_features"] == "FID" else
                " — a substitute for Inception-v3, not comparable to published FID."),

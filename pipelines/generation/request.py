@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from pipelines.generation.ensemble import ensemble_images
-from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
 from pipelines.generation.page import Figure, Section, render
 from pipelines.generation.translate import (
@@ -23,6 +22,7 @@ from pipelines.generation.translate import (
     image_to_caption,
     rank_images,
 )
+from pipelines.inference.guidance import Guidance
 from pipelines.inference.loader import Inference, load_inference
 from pipelines.inference.retrieval import inference_rule, parse_sets
 from pipelines.inference.sampling import Sampling

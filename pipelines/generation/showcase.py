@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw
 from pipelines.evaluation.fid import clip_extractor, frechet_distance
 from pipelines.generation.controlled import background_control, image_of
 from pipelines.generation.fewshot import Split, memory_by_entity, read_entity_split
-from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
 from pipelines.generation.translate import Context, caption_to_image, clip_scores
+from pipelines.inference.guidance import Guidance
 from pipelines.inference.loader import Inference, load_inference
 from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
