@@ -239,7 +239,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     for output, keys in outputs_using_removed(root).items():
         Console().print(f"[yellow]{output} used {len(keys)} removed document(s) "
-                        f"({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): re-run it[/yellow]")
+                        f"({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): re-run it[/yellow]",
+                        soft_wrap=True)
     return 0
 
 
