@@ -70,7 +70,8 @@ class IndexConfig(StageConfig):
     beam_options: tuple[str, ...] = ()  # runner for the sub-index builds; () = local processes
     rebuild: bool = False  # train and build from every shard, never add new shards to the built
     # index (also re-runs an index that had shards added: the retrain the drift check asks for)
-    retrain_below: float = 0.9  # drift check: added vectors' recall@10 vs exact below this = retrain due
+    retrain_below: float = 0.9  # drift check: retrain due when the added vectors' recall@10 vs exact
+    # is below this times the index's recall when trained
 
     def __post_init__(self) -> None:
         if self.factory:
@@ -334,9 +335,10 @@ def add(ctx: ShardContext, cfg: IndexConfig, plan: AddPlan, paths: list[str], co
                "build_seconds": round(seconds, 2), "gpu": False,
                **added_metrics(plan, ctx.spec.inputs, n - plan.rows, recall, cfg.retrain_below)}
     if metrics["retrain_due"]:
-        log.warning("index: a retrain is due: the added vectors' recall@10 vs exact search is "
-                    "%s (index.retrain_below = %s); run `racm3 run index --set index.rebuild=true`",
-                    recall, cfg.retrain_below)
+        log.warning("index: a retrain is due: the added vectors' recall@10 vs exact search is %s, "
+                    "%s of the %s it had when trained (index.retrain_below = %s); run `racm3 run "
+                    "index --set index.rebuild=true`", recall, metrics["drift"]["ratio"],
+                    metrics["drift"]["recall@10_at_training"], cfg.retrain_below)
     return ShardResult(rows_in=n, rows_out=n, metrics=metrics)
 
 

@@ -90,9 +90,12 @@ def drift(index: Any, root: DataRoot, paths: Sequence[str], counts: Sequence[int
 
 def added_metrics(plan: AddPlan, inputs: Sequence[InputRef], rows: int, recall: float | None,
                   threshold: float) -> dict[str, Any]:
-    """The built index's record carried over, with this addition appended to its history."""
+    """The built index's record carried over, with this addition appended to its history. A
+    retrain is due when the added vectors' recall falls below `threshold` times the recall the
+    index had when it was trained (a PQ index's own recall may be far below 1 without drift)."""
     old = plan.built.metrics
-    due = recall is not None and recall < threshold
+    baseline = float(old.get("recall@10_vs_exact", 1.0))
+    due = recall is not None and recall < threshold * baseline
     entry = {"shards": [i.shard_id for i in inputs[plan.known:]], "rows": rows,
              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "recall@10_new_vs_exact": recall}
@@ -100,8 +103,9 @@ def added_metrics(plan: AddPlan, inputs: Sequence[InputRef], rows: int, recall: 
             "trained_at": old.get("trained_at", _iso(plan.built.created_at)),
             "train_vectors": old.get("train_vectors", 0),
             "added": [*old.get("added", []), entry],
-            "drift": {"recall@10_new_vs_exact": recall, "retrain_below": threshold,
-                      "sample_of": rows},
+            "drift": {"recall@10_new_vs_exact": recall, "recall@10_at_training": baseline,
+                      "ratio": None if recall is None else round(recall / max(baseline, 1e-9), 4),
+                      "retrain_below": threshold, "sample_of": rows},
             "retrain_due": bool(due or old.get("retrain_due", False))}
 
 
