@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_root_arg(p)
     p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute, "
                                "or a document key (NNN-NNNNNNNNN): its URL, caption, licence, "
-                               "metadata row and fetch")
+                               "metadata row and fetch, or a generated sample / page (its folder's "
+                               "result.json or showcase.json): the documents it used")
 
     p = sub.add_parser("decode", help="write a document's image and its VQGAN reconstruction to a PNG")
     p.add_argument("key", help="document key (see `racm3 inspect \"select key from tokenize\"`)")
@@ -234,6 +235,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         t.add_row(name, str(len(states)), *(str(counts[s]) for s in ("done", "stale", "missing")),
                   f"[red]{corrupt}[/red]" if corrupt else "0", note)
     Console().print(t)
+    from storage.removal_audit import outputs_using_removed
+
+    for output, keys in outputs_using_removed(root).items():
+        Console().print(f"[yellow]{output} used {len(keys)} removed document(s) "
+                        f"({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}): re-run it[/yellow]",
+                        soft_wrap=True)
     return 0
 
 
@@ -328,25 +335,61 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         return print_provenance(root, args.path)
     node = walk(root, args.path)
     if node.manifest is None:
+        if (rc := print_output_sources(root, args.path)) is not None:
+            return rc
         print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
               file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(render(node)))
+    from storage.removal_audit import outputs_using_removed
+
+    m = node.manifest
+    if (keys := outputs_using_removed(root).get(f"{m.stage}/{m.shard_id}")):
+        print(f"FLAGGED: {m.stage}/{m.shard_id} used {len(keys)} removed document(s): "
+              f"{', '.join(keys)}")
+    return 0
+
+
+def print_output_sources(root: Any, path: str) -> int | None:
+    """A generated sample or page (a folder with result.json, or showcase.json): the memory
+    documents it used, each back to its metadata row, removed ones flagged; None if it is not one."""
+    import json
+    import os
+
+    from storage.fs import DataRoot
+    from storage.removal_audit import removed_keys
+
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    record = next((os.path.join(folder, n) for n in ("result.json", "showcase.json")
+                   if os.path.exists(os.path.join(folder, n))), None)
+    if record is None:
+        return None
+    with open(record) as f:
+        rec = json.load(f)
+    memory = DataRoot(rec["memory"]) if rec.get("memory") else root
+    keys = list(rec.get("documents", []))
+    removed = removed_keys(memory) & set(keys)
+    print(f"{path}: made from {len(keys)} memory document(s) of {memory.uri} ({record})")
+    for key in keys:
+        if key in removed:
+            print(f"FLAGGED: {key} has been removed")
+        print_provenance(memory, key, missing_ok=True)
     return 0
 
 
 KEY_RE = __import__("re").compile(r"^\d{3}-\d{9}$")
 
 
-def print_provenance(root: Any, key: str) -> int:
+def print_provenance(root: Any, key: str, missing_ok: bool = False) -> int:
     import datetime
 
     from storage.provenance import provenance
 
     p = provenance(root, [key]).get(key)
     if p is None:
-        print(f"racm3: error: no filter shard covers document {key}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{'' if missing_ok else 'racm3: error: '}no filter shard covers document {key}",
+              file=sys.stdout if missing_ok else sys.stderr)
+        return 0 if missing_ok else EXIT_USAGE
     when = (datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
             if p.fetched_at else "not downloaded")
     print(f"document {key}\n  url: {p.url}\n  caption: {p.caption}\n  license: {p.license}\n"

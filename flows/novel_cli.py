@@ -1,7 +1,8 @@
 """CLI plugin: `racm3 novel`, the novel-entity experiment (paper §1, §5.1; RDM's memory swap):
 entities no training document shows, in a second memory built with the trained root's CLIP,
 VQGAN and BPE; RA-CM3 with that memory vs vanilla vs the retrieval baseline on a test split of
-them (evaluate with `evaluate.memory`). Not part of `racm3 demo`."""
+them (evaluate with `evaluate.memory`), as a table beside the metrics (evaluate/novel.table.md).
+Not part of `racm3 demo`."""
 
 from __future__ import annotations
 
@@ -62,7 +63,21 @@ def run_novel(root: Any, mem: Any, cfgs: dict[str, Any], entities: int, docs: in
                              memory=mem.uri, name="novel", max_images=images)
     for stage in ("evaluate-part", "evaluate"):
         reports.append(drive(get_stage(stage), root, {**cfgs, "evaluate": ev}, InProcess(), force))
+    if not any(r.failed for r in reports):
+        write_table(root)
     return reports
+
+
+def write_table(root: Any) -> str:
+    """evaluate/novel.table.md beside evaluate/novel.metrics.json: RA-CM3 (novel memory) vs
+    vanilla vs the retrieval baseline, with intervals; its path."""
+    from pipelines.ablation.novel_table import novel_markdown
+
+    with root.fs.open(root.artifact("evaluate", "novel", "metrics.json")) as f:
+        metrics = json.load(f)
+    path = root.artifact("evaluate", "novel", "table.md")
+    root.write_bytes_atomic(path, (novel_markdown(metrics) + "\n").encode())
+    return path
 
 
 def cmd_novel(args: argparse.Namespace) -> int:
@@ -81,6 +96,5 @@ def cmd_novel(args: argparse.Namespace) -> int:
     print_summary(reports, args.data_root, title="racm3 novel")
     if any(r.failed for r in reports):
         return EXIT_FAILED
-    with root.fs.open(root.artifact("evaluate", "novel", "metrics.json")) as f:
-        print(json.dumps(json.load(f)["models"], indent=1))
+    print(root.fs.read_text(root.artifact("evaluate", "novel", "table.md")))
     return 0

@@ -85,16 +85,27 @@ class Attention(nn.Module):
         q, k = rotary(q, positions, self.base), rotary(k, positions, self.base)  # (B, H, T, Dh)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        S = k.shape[2]
         drop = self.dropout if self.training else 0.0
-        if block_mask is not None and past is None:  # packed examples do not see each other
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, dropout_p=drop)
-        elif S == T:  # no cache: plain causal attention over the packed sequence
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:  # new tokens see the whole cache plus the new tokens before them
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = attend(q, k, v, block_mask if past is None else None, drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor | None,
+           drop: float) -> torch.Tensor:
+    """SDPA of (B, H, T, Dh) queries over (B, H, S, Dh) keys: `block_mask` if given, else causal
+    (new tokens see the whole cache plus the new tokens before them)."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # CPU bf16 autocast keeps attention float32: there the flash kernel's fwd + bwd took
+        # 0.65x the time of its bf16 one (benchmarks/bench_train.py); the matmuls stay bf16
+        with torch.autocast("cpu", enabled=False):
+            return attend(q.float(), k.float(), v.float(), block_mask, drop).to(q.dtype)
+    T, S = q.shape[2], k.shape[2]
+    if block_mask is not None:  # packed examples do not see each other
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, dropout_p=drop)
+    if S == T:  # no cache: plain causal attention over the packed sequence
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
 
 
 class MLP(nn.Module):

@@ -1,5 +1,6 @@
 """Where a document came from: its metadata row (URL, caption, licence and any other column), the
 download shard that fetched it and when. Resolved for a few keys at a time, never the data set.
+Outputs made from documents (generate / showcase pages) are logged with the keys they used.
 
 A key `FFF-RRRRRRRRR` is row R of metadata file F; the filter manifests record which file has
 index F, and which shard covers which rows, so no table of keys is needed.
@@ -7,7 +8,10 @@ index F, and which shard covers which rows, so no table of keys is needed.
 
 from __future__ import annotations
 
+import datetime
+import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,3 +95,54 @@ def provenance(root: DataRoot, keys: list[str]) -> dict[str, Provenance]:
             download_shard=dl.shard_id if dl else "", fetched_at=dl.created_at if dl else None,
             row=row)
     return out
+
+
+# ---------------------------------------------------------------------------- outputs
+
+USED = "outputs/documents.jsonl"  # which memory documents each generation output used
+
+
+def fetched(p: Provenance | None) -> str:
+    """When the document's download shard was committed (ISO, UTC), or why there is no time."""
+    if p is None or p.fetched_at is None:
+        return "not downloaded" if p is not None else "—"
+    return datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
+
+
+SOURCE_HEADER = ["key", "URL", "caption", "fetched", "licence"]
+
+
+def source_rows(root: DataRoot, keys: list[str]) -> list[list[str]]:
+    """One row a key (SOURCE_HEADER): where it came from; '—' where the root has no record of it
+    (a user's document, another root's memory)."""
+    known = provenance(root, keys)
+    out = []
+    for k in dict.fromkeys(keys):
+        p = known.get(k)
+        out.append([k, p.url if p else "—", p.caption if p else "—", fetched(p),
+                    (p.license or "—") if p else "—"])
+    return out
+
+
+def record_used(root: DataRoot, kind: str, path: str, keys: list[str]) -> None:
+    """Append {kind, path, keys, when} to the data root's output log (atomic replace), so
+    `racm3 status` and `racm3 lineage` can flag outputs made from documents removed later."""
+    line = json.dumps({"kind": kind, "path": path, "keys": sorted(set(keys)),
+                       "when": round(time.time(), 3)}, sort_keys=True).encode() + b"\n"
+    full = root.join(USED)
+    old = root.fs.cat_file(full) if root.exists(full) else b""
+    root.makedirs(root.join(USED.split("/")[0]))
+    root.write_bytes_atomic(full, old + line)
+
+
+def used_outputs(root: DataRoot) -> list[dict[str, Any]]:
+    """Every recorded output (the latest record of a path wins)."""
+    full = root.join(USED)
+    if not root.exists(full):
+        return []
+    out: dict[str, dict[str, Any]] = {}
+    for line in root.fs.cat_file(full).decode("utf-8").splitlines():
+        if line.strip():
+            d = json.loads(line)
+            out[d["path"]] = d
+    return list(out.values())

@@ -1,8 +1,10 @@
 """What a removal has not reached yet: shards that still hold removed documents (for `verify`) and
-artifacts made before the latest removal (checkpoints, evaluations; for `status`)."""
+artifacts made before the latest removal (checkpoints, evaluations; for `status`), and outputs whose
+recorded documents include a removed one (evaluations, generation pages; `status`, `lineage`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 
 from storage.fs import DataRoot
 from storage.manifest import Manifest, list_manifests
+from storage.provenance import used_outputs
 from storage.removals import RemovalSet, load, removal_set
 
 # columns that name a document: scalar key/url/sha256, or a list of neighbour keys
@@ -92,3 +95,40 @@ def made_before_removal(root: DataRoot) -> dict[str, list[str]]:
                 out.setdefault(stage, []).append(m.shard_id)
     return out
 
+
+
+def evaluation_documents(root: DataRoot) -> dict[str, set[str]]:
+    """{"evaluate-part/<id>": the context keys its images were given, "evaluate/<id>": those of
+    the parts it reduced}, from the per-image records the parts wrote."""
+    parts: dict[str, set[str]] = {}
+    for m in list_manifests(root, "evaluate-part"):
+        keys: set[str] = set()
+        for rel in (r for r in m.outputs if r.endswith(".json") and root.exists(root.join(r))):
+            for image in json.loads(root.fs.cat_file(root.join(rel))).get("images", []):
+                for used in (image.get("context") or {}).values():
+                    keys.update(used)
+        parts[m.shard_id] = keys
+    out = {f"evaluate-part/{sid}": keys for sid, keys in parts.items()}
+    for m in list_manifests(root, "evaluate"):
+        out[f"evaluate/{m.shard_id}"] = set().union(
+            *(parts.get(i.shard_id, set()) for i in m.inputs if i.stage == "evaluate-part"))
+    return out
+
+
+def outputs_using_removed(root: DataRoot) -> dict[str, list[str]]:
+    """{output: removed keys it used} for evaluations (evaluate/<id>, evaluate-part/<id>) and
+    logged generation outputs (generate:<page>, showcase:<file>) whose recorded documents
+    include a removed one (by key, or by a URL, domain or sha256 entry that matches its row)."""
+    removed = removed_keys(root)
+    if not removed:
+        return {}
+    used = evaluation_documents(root)
+    used |= {f"{d['kind']}:{d['path']}": set(d["keys"]) for d in used_outputs(root)}
+    return {label: sorted(keys & removed) for label, keys in sorted(used.items()) if keys & removed}
+
+
+def removed_keys(root: DataRoot) -> set[str]:
+    """Every removed document's key: listed keys and those its URL, domain and sha256 entries
+    match in filter/download."""
+    rs = removal_set(root)
+    return _with_resolved_keys(root, rs).keys if rs else set()

@@ -16,6 +16,7 @@ import math
 import posixpath
 from typing import Any
 
+from pipelines.ablation.guidance_table import evaluation_name, guidance_markdown
 from pipelines.ablation.table import html_page, markdown, rows
 from pipelines.ablation.variants import Variant, select
 from pipelines.core.report import StageReport
@@ -79,18 +80,28 @@ def run_variant(base: DataRoot, cfgs: dict[str, Any], v: Variant) -> dict[str, A
     ra, vanilla = v.ra, v.vanilla
     if v.train is not None:
         fields = {"variant": "ra-cm3"} | v.train | {"name": v.name}
-        c["train"] = dataclasses.replace(cfgs["train"], **fields)
-        check(run_stage("train", root, c), "train", v)
+        train(root, c, v, fields)
         if fields["variant"] == "vanilla":
             vanilla = v.name
         else:
             ra = v.name
+    if v.train_vanilla is not None:
+        vanilla = v.vanilla_name
+        train(root, c, v, v.train_vanilla | {"variant": "vanilla", "name": vanilla})
     c["evaluate"] = dataclasses.replace(cfgs["evaluate"], **({"generate": False} | v.evaluate),
-                                        name=v.name.replace("-", "_"), ra_checkpoint=ra,
+                                        name=evaluation_name(v), ra_checkpoint=ra,
                                         vanilla_checkpoint=vanilla)
     for stage in ("evaluate-part", "evaluate"):
         check(run_stage(stage, root, c), stage, v)
     return read_json(root, root.artifact("evaluate", c["evaluate"].name, "metrics.json"))
+
+
+def train(root: DataRoot, c: dict[str, Any], v: Variant, fields: dict[str, Any]) -> None:
+    """Train one checkpoint of the variant (skipped when train/<name>.pt is up to date)."""
+    base = c["train"]
+    c["train"] = dataclasses.replace(base, **fields)
+    check(run_stage("train", root, c), "train", v)
+    c["train"] = base
 
 
 def check(report: StageReport, stage: str, v: Variant) -> None:
@@ -103,11 +114,15 @@ def ours(metrics: dict[str, Any], v: Variant) -> tuple[float, float]:
     return (float(m.get("image ppl", math.nan)), float(m.get("text ppl", math.nan)))
 
 
-def write(base: DataRoot, table: list[dict[str, Any]]) -> str:
-    """table.json, table.md and ablate.report.html under ablate/; the page's URL."""
+def write(base: DataRoot, table: list[dict[str, Any]], guidance: str = "") -> str:
+    """table.json, table.md (and guidance.md, the guidance rows' table, appended to it) and
+    ablate.report.html under ablate/; the page's URL."""
     out = base.join("ablate")
     base.write_bytes_atomic(posixpath.join(out, "table.json"), json.dumps(table, indent=2).encode())
-    base.write_bytes_atomic(posixpath.join(out, "table.md"), (markdown(table) + "\n").encode())
+    text = markdown(table) + ("\n\n" + guidance if guidance else "")
+    base.write_bytes_atomic(posixpath.join(out, "table.md"), (text + "\n").encode())
+    if guidance:
+        base.write_bytes_atomic(posixpath.join(out, "guidance.md"), (guidance + "\n").encode())
     page = posixpath.join(out, "ablate.report.html")
     base.write_bytes_atomic(page, html_page(table).encode())
     return base.url(page)
@@ -124,5 +139,5 @@ def ablate(base: DataRoot, cfgs: dict[str, Any], only: str = "") -> list[dict[st
             evaluations[v.name] = run_variant(base, cfgs, v)
         results[v.name] = ours(evaluations[v.same_as or v.name], v)
     table = rows(variants, results)
-    log.info("ablate: report %s", write(base, table))
+    log.info("ablate: report %s", write(base, table, guidance_markdown(variants, evaluations)))
     return table

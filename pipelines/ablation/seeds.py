@@ -33,6 +33,39 @@ def over_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def metric_key(have: dict[str, Any], column: str) -> str | None:
+    """The name `column` has among `have`'s metrics: itself, or for "FID" / "KID" the judge's
+    spelling (FID-EffNetLite0, KID(EffNetLite0), ...)."""
+    if column in have:
+        return column
+    if column in ("FID", "KID"):
+        return next((k for k in have if k.startswith(column)), None)
+    return None
+
+
+def fmt_cell(c: dict[str, Any] | None) -> str:
+    """`mean ± sd` (n-1), with (a↓ b↑ of n) for a paired difference; "—" when absent."""
+    if c is None:
+        return "—"
+    out = f"{c['mean']:.4g}" + (f" ± {c['sd']:.2g}" if c["sd"] is not None else "")
+    if "above_0" in c:
+        out += f" ({c['below_0']}↓ {c['above_0']}↑ of {c['n']})"
+    elif c["n"] < 3:
+        out += f" (n={c['n']})"
+    return out
+
+
+def mean_sd(values: list[float]) -> str:
+    """A table cell over seeds: mean ± sd of the values ("—" when none)."""
+    import numpy as np
+
+    if not values:
+        return "—"
+    arr = np.asarray(values, np.float64)
+    return fmt_cell({"mean": float(arr.mean()), "n": len(arr),
+                     "sd": float(arr.std(ddof=1)) if len(arr) > 1 else None})
+
+
 def seeds_markdown(summary: dict[str, Any], seeds: list[int]) -> str:
     groups = list(summary)
     names: list[str] = []

@@ -1,5 +1,6 @@
 """The ablation variants as data: Table 5 (relevance, modality, diversity, alpha), Table 6 (K at
-inference), Fig 9 (model size) and, beyond the paper, training without the block-diagonal mask.
+inference), Fig 9 (model size) and, beyond the paper, training without the block-diagonal mask,
+the oracle control and classifier-free guidance as trained for (caption dropout 0.1, w = 0, 1, 3).
 
 Each row names what it trains (None: it evaluates an existing checkpoint), how it is evaluated,
 the paper's (image ppl, text ppl) and the row its direction is judged against.
@@ -27,6 +28,7 @@ class Variant:
     label: str
     paper: tuple[float, float] | None
     train: dict[str, Any] | None = None  # train section fields (name = the variant)
+    train_vanilla: dict[str, Any] | None = None  # also train a vanilla checkpoint, `<name>-vanilla`, with these fields
     ra: str = FINAL  # checkpoint evaluated as RA-CM3 when train is None
     vanilla: str = "vanilla"
     evaluate: dict[str, Any] = field(default_factory=dict)
@@ -34,6 +36,26 @@ class Variant:
     against: str = FINAL  # the row the direction is judged against
     model: str = "ra-cm3"  # whose perplexities the row reports
     same_as: str = ""  # reuse this variant's evaluation (same checkpoints and settings)
+
+    @property
+    def vanilla_name(self) -> str:
+        """The vanilla checkpoint this row trains (`train_vanilla`)."""
+        return f"{self.name}-vanilla"
+
+
+GUIDED = "guidance-w0"  # trains both models with caption dropout; the other weights reuse them
+GUIDANCE_TRAIN = {"caption_dropout": 0.1}  # CM3Leon's rate: the unconditional branch is learned
+
+
+def guidance_row(w: float) -> Variant:
+    """Caption -> image at guidance weight w (CLIP score, FID-type), both models trained for it."""
+    evaluate = {"guidance": w, "generate": True}
+    label = f"caption dropout 0.1, guidance w = {w:g}"
+    if f"guidance-w{w:g}" == GUIDED:
+        return Variant(GUIDED, "Guidance", label, None, train=GUIDANCE_TRAIN,
+                       train_vanilla=GUIDANCE_TRAIN, evaluate=evaluate)
+    return Variant(f"guidance-w{w:g}", "Guidance", label, None, ra=GUIDED,
+                   vanilla=f"{GUIDED}-vanilla", evaluate=evaluate, against=GUIDED)
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -77,6 +99,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("no-mask-vanilla", "Packing", "vanilla CM3, no block mask", None,
             train={"variant": "vanilla", "block_mask": False}, model="vanilla",
             against="base-vanilla"),
+    # Beyond the paper (CM3Leon, Re-Imagen): both models trained with the caption dropped from
+    # 10% of main documents, evaluated (images sampled) at guidance weights 0, 1 and 3; trained
+    # once, by the w = 0 row.
+    *(guidance_row(w) for w in (0.0, 1.0, 3.0)),
 )
 
 
@@ -89,6 +115,8 @@ def select(only: str) -> list[Variant]:
         raise ConfigError("--only", f"unknown variants {sorted(unknown)}; see `racm3 ablate --list`")
     trained = {v.name for v in VARIANTS if v.train is not None}
     names |= {v.ra for v in VARIANTS if v.name in names and v.ra in trained}  # checkpoints it reads
+    names |= {x for v in VARIANTS if v.name in names  # a vanilla checkpoint a row trains
+              for x in (v.vanilla, v.vanilla.removesuffix("-vanilla")) if x in trained}
     return [v for v in VARIANTS if v.name in names or v.name == FINAL]
 
 

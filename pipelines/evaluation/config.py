@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,6 +43,7 @@ class EvaluateConfig(StageConfig):
     image_samples: int = 4  # images sampled per caption, best kept by CLIP score (paper 10)
     caption_samples: int = 8  # captions sampled per image, lowest perplexity kept (paper 32)
     max_caption_tokens: int = 24  # longest sampled caption
+    guidance: float = 0.0  # classifier-free guidance weight of the caption, caption -> image, both models (0 = off): for checkpoints trained with train.caption_dropout > 0
     image_temperature: float = 1.0  # sampling temperature of image tokens
     image_top_p: float = 0.9  # nucleus mass of image tokens
     text_temperature: float = 1.0  # sampling temperature of caption tokens
@@ -67,6 +69,8 @@ class EvaluateConfig(StageConfig):
         self.check(self.caption_samples >= 1, "caption_samples", "must be >= 1")
         self.check(self.max_caption_tokens >= 1, "max_caption_tokens", "must be >= 1")
         self.check(self.bootstrap >= 0, "bootstrap", "must be >= 0")
+        self.check(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
+                   "must be a finite weight >= 0 (0 = off)")
         self._fold_random_context()
         self.check(self.context_modality in MODALITIES, "context_modality", f"must be one of {MODALITIES}")
         self.check(all(c.isalnum() or c in "_." for c in self.name), "name",

@@ -5,6 +5,7 @@ oracle row is the ceiling of what the generator can get from retrieval."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,8 +23,14 @@ def random_keys(keys: list[str], position: int, k: int, excluded: set[str], salt
 
 
 def words(caption: str) -> set[str]:
-    """The caption's words as the demo writes names ("{name}, {bg} backdrop" has a comma)."""
-    return set(caption.replace(",", " ").split())
+    """The caption's words, lower-cased, without punctuation ("{name}, {bg} backdrop" has a
+    comma; a sampled caption may end in a full stop)."""
+    return set(re.findall(r"[^\s,.;:!?\"']+", caption.lower()))
+
+
+def names_entity(caption: str, entity: str) -> bool:
+    """Whether a caption names the demo entity as a word ("zozo" is not named by "dopzozo")."""
+    return entity.lower() in words(caption)
 
 
 class EntityDocs:
@@ -41,10 +48,17 @@ class EntityDocs:
                excluded: set[str], salt: int = 0) -> list[str]:
         """Up to k memory documents naming `entity`, drawn in a seeded order (by the image's
         position); never one whose image is the query's (same sha256) nor one in `excluded`."""
-        pool = [key for key in self.by_word.get(entity, [])
+        pool = [key for key in self.by_word.get(entity.lower(), [])
                 if key not in excluded and not (own_sha256 and self.sha256.get(key) == own_sha256)]
         rng = np.random.default_rng([position, salt, 7])
         return [pool[int(i)] for i in rng.permutation(len(pool))[:k]]
+
+
+def caption_entity_rate(images: list[dict[str, Any]], model: str) -> np.ndarray:
+    """Per evaluation image, 1.0 where `model`'s generated caption names the image's entity, 0.0
+    where it does not, NaN where the image has no entity (off the demo) or no such caption."""
+    return np.array([float(r["caption_entity"][model]) if model in r.get("caption_entity", {})
+                     else np.nan for r in images], np.float64)
 
 
 def same_entity_rates(images: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -83,7 +83,7 @@ class EvaluatePartStage(Stage):
     name = "evaluate-part"
     config = EvaluateConfig
     section = "evaluate"  # one set of settings for the shards and the reduce
-    version = "1"
+    version = "2"  # 2: records say whether each generated caption names the image's entity
     description = "one shard of evaluation images: sample, rerank, perplexities, judge features"
 
     def plan(self, root: DataRoot, cfg: EvaluateConfig) -> list[ShardSpec]:
@@ -187,7 +187,8 @@ def reduce(root: DataRoot, cfg: EvaluateConfig) -> dict[str, Any]:
                                "caption_samples": cfg.caption_samples, "images": len(part.images),
                                "coco": cfg.coco, "checkpoints": models.checkpoints(cfg),
                                "context_modality": cfg.context_modality,
-                               "context": cfg.context, "memory": cfg.memory},
+                               "context": cfg.context, "memory": cfg.memory,
+                               "guidance": cfg.guidance},
                   "_part": part}
 
 

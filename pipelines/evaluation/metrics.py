@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.evaluation.cider import cider_d
+from pipelines.evaluation.controls import caption_entity_rate
 from pipelines.evaluation.fid import (
     frechet_distance,
     frechet_from_grams,
@@ -24,6 +25,7 @@ from storage.fs import DataRoot
 
 Stat = Callable[[np.ndarray], float]
 PAIRS = (("ra-cm3", "vanilla"), ("ra-cm3", "retrieval-baseline"))
+CAPTION_ENTITY = "caption same-entity %"  # share of generated captions naming the image's entity (demo)
 PPL = {"image ppl": ("image", ""), "text ppl": ("text", ""),
        "text ppl (caption first)": ("text_first", "")}  # name -> (nll part, run suffix)
 
@@ -73,6 +75,16 @@ def caption_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
             if np.isfinite(score[idx]).any() else math.nan}  # x100 as the paper's tables
 
 
+def entity_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
+    """% of the model's generated captions that name the test image's entity (demo splits know
+    each image's entity; absent elsewhere)."""
+    hit = caption_entity_rate(part.images, model)  # (n,) 1 / 0 / NaN
+    if not np.isfinite(hit).any():
+        return {}
+    return {CAPTION_ENTITY: lambda idx: 100 * float(np.nanmean(hit[idx]))
+            if np.isfinite(hit[idx]).any() else math.nan}
+
+
 def ppl_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
     """exp(summed NLL / tokens) over the resampled images, per perplexity of the model's runs."""
     runs = [model] + ([f"{model} (no retrieval)"] if model == "ra-cm3" else [])
@@ -96,7 +108,7 @@ def perplexity_of(pairs: np.ndarray) -> Stat:
 
 
 def model_stats(part: ShardRecords, model: str) -> dict[str, Stat]:
-    return image_stats(part, model) | caption_stats(part, model) | (
+    return image_stats(part, model) | caption_stats(part, model) | entity_stats(part, model) | (
         ppl_stats(part, model) if model != "retrieval-baseline" else {})
 
 

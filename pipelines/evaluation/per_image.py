@@ -13,14 +13,15 @@ from PIL import Image
 from model.images import to_tensor
 from pipelines.core.config import ConfigError
 from pipelines.evaluation.config import EvaluateConfig
-from pipelines.evaluation.controls import EntityDocs, random_keys, words
+from pipelines.evaluation.controls import EntityDocs, names_entity, random_keys
 from pipelines.evaluation.guard import guarded_search
 from pipelines.evaluation.judge import clip_scores
 from pipelines.evaluation.models import GENERATORS
 from pipelines.evaluation.split import SplitItem
+from pipelines.inference.guidance import Guidance, guided_images
 from pipelines.inference.images import at_size
 from pipelines.inference.loader import Inference
-from pipelines.inference.sampling import Sampling, caption_nll, generate_captions, generate_images
+from pipelines.inference.sampling import Sampling, caption_nll, generate_captions
 from pipelines.inference.scoring import HeldOutExample, example_nll
 
 RUNS = {"ra-cm3": ("ra-cm3", True), "ra-cm3 (no retrieval)": ("ra-cm3", False),
@@ -42,6 +43,7 @@ class Example:
     captions: dict[str, str] = field(default_factory=dict)  # model -> kept caption
     nll: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)  # run -> part -> (sum, n)
     same_entity: dict[str, list[bool]] = field(default_factory=dict)  # query -> per context doc: names the image's entity (demo)
+    caption_entity: dict[str, bool] = field(default_factory=dict)  # model -> its kept caption names the image's entity (demo)
 
     @property
     def caption(self) -> str:
@@ -93,7 +95,8 @@ def prepare(setup: Inference, items: list[SplitItem], cfg: EvaluateConfig, exclu
            for it, r, c, bc, bi in zip(items, reals, codes, by_cap, by_img, strict=True)]
     for ex in out:
         if ex.item.entity is not None:  # demo: is the context about the image's entity?
-            ex.same_entity = {q: [ex.item.entity in words(setup.captions.get(key, "")) for key in keys]
+            ex.same_entity = {q: [names_entity(setup.captions.get(key, ""), ex.item.entity)
+                                  for key in keys]
                               for q, keys in (("caption", ex.by_caption), ("image", ex.by_image))}
     return out
 
@@ -120,12 +123,14 @@ def context(setup: Inference, keys: list[str], variant: str, k: int,
 
 def caption_to_image(setup: Inference, ex: Example, variant: str, cfg: EvaluateConfig,
                      gen: torch.Generator) -> None:
-    """Sample N images for the caption, keep the one the retrieval CLIP scores best with it (the
+    """Sample N images for the caption (with classifier-free guidance of weight
+    `cfg.guidance`; 0 = plain sampling), keep the one the retrieval CLIP scores best with it (the
     paper's reranking); its CLIP score comes from the judge (the same CLIP unless configured)."""
     params = Sampling(cfg.image_temperature, 0, cfg.image_top_p)
-    codes = generate_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
-                            cfg.image_samples, context(setup, ex.by_caption, variant, cfg.k,
-                                    cfg.context_modality), params, gen)  # (N, g*g)
+    docs = context(setup, ex.by_caption, variant, cfg.k, cfg.context_modality)
+    codes = guided_images(setup.models[variant], setup.vocab, ex.caption_ids, setup.grid,
+                          cfg.image_samples, docs, Guidance(caption=cfg.guidance), params,
+                          gen)  # (N, g*g)
     images = setup.decode_codes(codes)
     enc = setup.retriever.encoder
     scores = enc.encode_image(images) @ enc.encode_text([ex.caption])[0]  # (N,)
@@ -133,7 +138,6 @@ def caption_to_image(setup: Inference, ex: Example, variant: str, cfg: EvaluateC
     judge = setup.shared.get("judge") or enc
     score = scores[best] if judge is enc else clip_scores(judge, [images[best]], ex.caption)[0]
     ex.images[variant], ex.clip[variant] = images[best], float(score)
-
 
 
 def image_to_caption(setup: Inference, ex: Example, variant: str, cfg: EvaluateConfig,
@@ -183,5 +187,7 @@ def run_example(setup: Inference, ex: Example, cfg: EvaluateConfig) -> None:
         image_to_caption(setup, ex, variant, cfg, gen)
     if cfg.generate:
         retrieval_baseline(setup, ex)
+        if ex.item.entity is not None:  # demo: does each generated caption name the entity?
+            ex.caption_entity = {m: names_entity(cap, ex.item.entity) for m, cap in ex.captions.items()}
     with torch.no_grad():
         perplexities(setup, ex, cfg.k, cfg.context_modality)

@@ -32,7 +32,7 @@ def image_record(ex: Any) -> dict[str, Any]:
             "captions": dict(ex.captions), "clip": dict(ex.clip),
             "nll": {run: {k: list(v) for k, v in d.items()} for run, d in ex.nll.items()},
             "context": {"caption": list(ex.by_caption), "image": list(ex.by_image)},
-            "same_entity": dict(ex.same_entity)}
+            "same_entity": dict(ex.same_entity), "caption_entity": dict(ex.caption_entity)}
 
 
 def features_of(examples: list[Any], extract: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import posixpath
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
@@ -141,6 +142,7 @@ def showcase(setup: Inference, ex: Example, fig_dir: str, root: DataRoot) -> dic
             "refs": ex.item.captions, "captions": dict(ex.captions),
             "retrieved_by_caption": retrieved_text(setup, ex.by_caption),
             "retrieved_by_image": retrieved_text(setup, ex.by_image),
+            "documents": {"caption": list(ex.by_caption), "image": list(ex.by_image)},
             "t2i": f"t2i_{pos}.png", "i2t": f"i2t_{pos}.png"}
 
 
@@ -217,7 +219,9 @@ def facts(metrics: dict[str, Any]) -> list[str]:
             f"({g['image_near_duplicates']} image near-duplicates above {g['image_threshold']}, "
             f"{g['text_near_duplicates']} caption near-duplicates above {g['text_threshold']}).",
             f"Settings: K = {st['k']} retrieved documents, {st['image_samples']} images per caption "
-            f"(best by CLIP score), {st['caption_samples']} captions per image (lowest perplexity).",
+            f"(best by CLIP score), {st['caption_samples']} captions per image (lowest perplexity)"
+            + (f"; context = {st['context']}" if st.get("context", "retrieved") != "retrieved" else "")
+            + (f"; caption guidance w = {st['guidance']:g}" if st.get("guidance") else "") + ".",
             f"Image distance features: {metrics['fid_features']}"
             + ("" if metrics["fid_features"] == "FID" else
                " — a substitute for Inception-v3, not comparable to published FID."),
@@ -255,16 +259,50 @@ def write_report(ctx: ShardContext, metrics: dict[str, Any], show: list[dict[str
             with root.fs.open(posixpath.join(fig_dir, name), "wb") as f:
                 f.write(figs[name])
     charts = [c for c in (svg_chart(curves, m) for m in CURVES) if c]
+    extra = [decontamination_section(root, metrics), sources_section(ctx, show)]
     with root.fs.open(ctx.output_path("report.md"), "w") as f:
-        f.write(markdown(metrics, show, bool(charts)))
+        f.write(markdown(metrics, show, bool(charts), extra))
     with root.fs.open(ctx.output_path("report.html"), "w") as f:
-        f.write(html_page(metrics, show, charts, figs))
+        f.write(html_page(metrics, show, charts, figs, extra))
+
+
+Extra = tuple[str, str, list[str], list[list[str]]]  # a titled table: title, note, header, rows
+
+
+def decontamination_section(root: DataRoot, metrics: dict[str, Any]) -> Extra:
+    """Documents kept out of each evaluated checkpoint's training because they copy an
+    evaluation set, per set, from the train manifests (the decontaminate stage's counts)."""
+    names = metrics.get("settings", {}).get("checkpoints", {})
+    counts = {role: (m.metrics.get("decontaminated_by_split") if m else None)
+              for role, name in names.items() for m in [read_manifest(root, "train", name)]}
+    splits = sorted({s for c in counts.values() for s in (c or {})})
+    rows = [[s] + [str((c or {}).get(s, 0)) if c is not None else "—" for c in counts.values()]
+            for s in splits]
+    note = ("Main and retrieved documents that near-duplicate an evaluation image or caption, kept "
+            "out of training (`decontaminate` stage; train manifests' decontaminated_by_split)."
+            if rows else "No decontamination counts recorded: the decontaminate stage did not run "
+            "before these checkpoints were trained.")
+    return "Decontamination", note, ["evaluation set", *counts], rows
+
+
+def sources_section(ctx: ShardContext, show: list[dict[str, Any]]) -> Extra:
+    """Where each retrieved document shown in the report came from (storage/provenance.py)."""
+    from pipelines.inference.memory import open_memory
+    from storage.provenance import SOURCE_HEADER, source_rows
+
+    keys = [k for ex in show for ks in ex.get("documents", {}).values() for k in ks]
+    memory = open_memory(ctx.root, getattr(ctx.cfg, "memory", ""), "evaluate.memory")
+    rows = source_rows(memory, keys) if keys else []
+    return ("Sources of the retrieved documents", "Each document the examples above retrieved: its "
+            "URL, caption, when it was fetched and the metadata's licence column ('—': none).",
+            SOURCE_HEADER, rows)
 
 
 MODEL_ORDER = ("ra-cm3", "vanilla", "retrieval-baseline")
 
 
-def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool) -> str:
+def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool,
+             extra: Sequence[Extra] = ()) -> str:
     header, rows = metric_rows(metrics)
     out = ["# RA-CM3 evaluation", "", md_table(header, rows), ""]
     if (diff := difference_rows(metrics)) is not None:
@@ -285,6 +323,9 @@ def markdown(metrics: dict[str, Any], show: list[dict[str, Any]], charts: bool) 
                 f"- references: {' / '.join(md_escape(r) for r in ex['refs'])}",
                 f"- retrieved (by the image): {md_escape(ex['retrieved_by_image'])}"]
         out += [f"- {m}: “{md_escape(ex['captions'].get(m, '—'))}”" for m in MODEL_ORDER] + [""]
+    for title, note, header, rows in extra:
+        out += [f"## {title}", "", md_escape(note), ""]
+        out += [md_table(header, [[md_escape(c) for c in r] for r in rows]), ""] if rows else []
     return "\n".join(out)
 
 
@@ -299,7 +340,7 @@ def img_tag(data: bytes, alt: str) -> str:
 
 
 def html_page(metrics: dict[str, Any], show: list[dict[str, Any]], charts: list[str],
-              figs: dict[str, bytes]) -> str:
+              figs: dict[str, bytes], extra: Sequence[Extra] = ()) -> str:
     header, rows = metric_rows(metrics)
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>RA-CM3 evaluation</title>",
            f"<style>{STYLE}</style></head><body><h1>RA-CM3 evaluation</h1>",
@@ -324,4 +365,7 @@ def html_page(metrics: dict[str, Any], show: list[dict[str, Any]], charts: list[
                 f"<ul><li>references: {html.escape(' / '.join(ex['refs']))}</li>"
                 f"<li>retrieved (by the image): {html.escape(ex['retrieved_by_image'])}"
                 f"</li>{caps}</ul></div>"]
+    for title, note, header, rows in extra:
+        out += [f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>"]
+        out += [html_table(header, rows)] if rows else []
     return "\n".join(out + ["</body></html>"])

@@ -1,4 +1,5 @@
-"""A small self-contained HTML page: each prompt, its in-context documents, and the outputs."""
+"""A small self-contained HTML page: each prompt, its in-context documents, the outputs, and
+where each memory document came from (URL, caption, fetch time, licence)."""
 
 from __future__ import annotations
 
@@ -53,13 +54,26 @@ figure{display:inline-block;margin:4px;vertical-align:top;width:140px}
 figure img{image-rendering:pixelated;width:128px;height:128px;border:1px solid #ccc}
 figcaption,.t{font-size:12px;word-wrap:break-word}.t{font-weight:bold}
 .row{margin:.3em 0 .8em}h3{font-size:14px;margin:.2em 0}.none{color:#888;font-size:12px}
-section{border-top:1px solid #ddd;padding-top:.5em}"""
+section{border-top:1px solid #ddd;padding-top:.5em}
+table.src{border-collapse:collapse;font-size:12px}.src td,.src th{border:1px solid #ccc;padding:2px 6px}"""
 
 
-def render(title: str, sections: list[Section], notes: str = "") -> str:
+def sources_html(header: list[str], rows: list[list[str]]) -> str:
+    """The memory documents' origins as a table (every cell escaped: web text stays text)."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return (f"<section><h2>Sources of the memory documents</h2>"
+            f"<table class=src><tr>{head}</tr>{body}</table></section>")
+
+
+def render(title: str, sections: list[Section], notes: str = "",
+           sources: tuple[list[str], list[list[str]]] = ([], [])) -> str:
     body = "".join(f"<section><h2>{html.escape(s.title)}</h2>{row('prompt', s.prompt)}"
                    f"{row('in-context documents', s.context)}{row('outputs (best first)', s.outputs)}"
                    f"</section>" for s in sections)
     return (f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(notes)}</p>{body}</body></html>")
+            f"<p>{html.escape(notes)}</p>{body}{sources_html(*sources)}</body></html>")

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from pipelines.generation.ensemble import ensemble_images
-from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
 from pipelines.generation.page import Figure, Section, render
 from pipelines.generation.translate import (
@@ -23,10 +22,12 @@ from pipelines.generation.translate import (
     image_to_caption,
     rank_images,
 )
+from pipelines.inference.guidance import Guidance
 from pipelines.inference.loader import Inference, load_inference
 from pipelines.inference.retrieval import inference_rule, parse_sets
 from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
+from storage.provenance import SOURCE_HEADER, record_used, source_rows
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,11 @@ def run(bench: Inference, req: Request) -> tuple[Ranked, Context, Image.Image | 
 
 
 def write(bench: Inference, req: Request, ranked: Ranked, context: Context,
-          image: Image.Image | None) -> dict[str, Any]:
-    """PNGs / captions.txt, result.json and index.html under req.out; returns the result record."""
+          image: Image.Image | None, log_used: bool = False) -> dict[str, Any]:
+    """PNGs / captions.txt, result.json and index.html under req.out; returns the result record.
+    The memory documents used and their origins go into both; with `log_used`, the page and its
+    documents are logged in the memory's data root (`racm3 status` / `lineage` flag the page
+    when one of them is removed later)."""
     os.makedirs(req.out, exist_ok=True)
     files = []
     for i, im in enumerate(ranked.images):
@@ -149,16 +153,22 @@ def write(bench: Inference, req: Request, ranked: Ranked, context: Context,
         files.append(p := os.path.join(req.out, "captions.txt"))
         with open(p, "w") as f:
             f.write("\n".join(ranked.captions) + "\n")
+    keys = [s for s in context.sources if not s.startswith("user: ")]  # memory documents
+    sources = source_rows(bench.memory_at, keys)
     record = {"mode": req.mode, "request": asdict(req), "context": context.sources,
               "score": ranked.score_name, "scores": ranked.scores, "captions": ranked.captions,
-              "files": files}
+              "files": files, "documents": keys, "memory": bench.memory_at.uri,
+              "sources": [dict(zip(SOURCE_HEADER, r, strict=True)) for r in sources]}
     with open(os.path.join(req.out, "result.json"), "w") as f:
         json.dump(record, f, indent=1)
     page = os.path.join(req.out, "index.html")
     with open(page, "w") as f:
         f.write(render(f"racm3 generate: {req.mode} ({req.variant})", [section(bench, req, ranked, context, image)],
-                       notes=f"seed {req.seed}, temperature {req.temperature}, top-p {req.top_p}"))
+                       notes=f"seed {req.seed}, temperature {req.temperature}, top-p {req.top_p}",
+                       sources=(SOURCE_HEADER, sources)))
     record["page"] = page
+    if log_used:
+        record_used(bench.memory_at, "generate", os.path.abspath(page), keys)
     return record
 
 
@@ -188,4 +198,4 @@ def generate(root: DataRoot, req: Request) -> dict[str, Any]:
     rule = inference_rule(root, overrides, encoder)
     bench = load_inference(root, (req.variant,), req.device, rule, memory=req.memory)
     ranked, context, image = run(bench, req)
-    return write(bench, req, ranked, context, image)
+    return write(bench, req, ranked, context, image, log_used=True)

@@ -1,6 +1,7 @@
 """`racm3 showcase`: the README's pictures and numbers of §5 from a demo data root, RA-CM3 beside
 vanilla CM3 on the test split: infilling (box token match), controlled generation (background
-follows the demonstration), guidance (CLIP score and FID-CLIP vs weight)."""
+follows the demonstration), guidance (CLIP score and FID-CLIP vs weight); the memory documents it
+used, with their origins, in showcase.json and sources.html."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from PIL import Image, ImageDraw
 from pipelines.evaluation.fid import clip_extractor, frechet_distance
 from pipelines.generation.controlled import background_control, image_of
 from pipelines.generation.fewshot import Split, memory_by_entity, read_entity_split
-from pipelines.generation.guidance import Guidance
 from pipelines.generation.infill import Box, infill_images
+from pipelines.generation.page import render
 from pipelines.generation.translate import Context, caption_to_image, clip_scores
+from pipelines.inference.guidance import Guidance
 from pipelines.inference.loader import Inference, load_inference
 from pipelines.inference.sampling import Sampling
 from storage.fs import DataRoot
+from storage.provenance import SOURCE_HEADER, record_used, source_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,15 @@ def grey_box(image: Image.Image, box: Box, grid: int) -> Image.Image:
 # ---------------------------------------------------------------------------- experiments
 
 
-def context_for(bench: Inference, caption: str, k: int) -> Context:
+def context_for(bench: Inference, caption: str, k: int, used: set[str]) -> Context:
+    """Documents retrieved with the caption (RA-CM3; none for vanilla), noted in `used`."""
     keys = bench.retrieve_by_caption(caption, k) if bench.variant == "ra-cm3" else []
+    used.update(keys)
     return Context.of_keys(bench, keys)
 
 
 def infill_study(bench: Inference, split: Split, names: list[str], cfg: ShowcaseConfig,
-                 box: Box) -> tuple[dict[str, float], list[list[Image.Image]]]:
+                 box: Box, used: set[str]) -> tuple[dict[str, float], list[list[Image.Image]]]:
     """Share of box tokens equal to the true image's tokens, per variant; picture rows."""
     gen = torch.Generator(bench.device).manual_seed(cfg.seed)
     match: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -91,7 +96,7 @@ def infill_study(bench: Inference, split: Split, names: list[str], cfg: Showcase
         row = [real, grey_box(real, box, bench.grid)]
         for v in VARIANTS:
             b = bench.use(v)
-            ctx = context_for(b, caption, cfg.k)
+            ctx = context_for(b, caption, cfg.k, used)
             out = infill_images(b.model, b.vocab, b.encode_caption(caption), codes, b.grid, box,
                                 cfg.samples, ctx.docs, PARAMS, gen)
             match[v] += (out[:, inside] == np.asarray(codes)[inside]).mean(1).tolist()
@@ -102,8 +107,8 @@ def infill_study(bench: Inference, split: Split, names: list[str], cfg: Showcase
     return {v: float(np.mean(m)) for v, m in match.items()}, rows
 
 
-def guidance_study(bench: Inference, split: Split, names: list[str], cfg: ShowcaseConfig
-                   ) -> tuple[dict[str, dict[str, dict[str, float]]], list[list[Image.Image]]]:
+def guidance_study(bench: Inference, split: Split, names: list[str], cfg: ShowcaseConfig,
+                   used: set[str]) -> tuple[dict[str, dict[str, dict[str, float]]], list[list[Image.Image]]]:
     """CLIP score and FID-CLIP of the kept image per (variant, weight); picture rows (RA-CM3)."""
     fx = clip_extractor(bench.retriever.encoder, bench.retriever.encoder.info.model)
     real = fx.extract([split.images[n] for n in names])
@@ -117,7 +122,7 @@ def guidance_study(bench: Inference, split: Split, names: list[str], cfg: Showca
             images, scores = [], []
             for name in names:
                 cap = split.captions[name]
-                r = caption_to_image(b, cap, context_for(b, cap, cfg.k), cfg.samples, PARAMS,
+                r = caption_to_image(b, cap, context_for(b, cap, cfg.k, used), cfg.samples, PARAMS,
                                      Guidance(caption=w), gen)
                 images.append(r.images[0])
                 scores.append(float(clip_scores(b, r.images[:1], cap)[0]))
@@ -129,7 +134,7 @@ def guidance_study(bench: Inference, split: Split, names: list[str], cfg: Showca
     return out, rows
 
 
-def controlled_study(bench: Inference, split: Split, cfg: ShowcaseConfig
+def controlled_study(bench: Inference, split: Split, cfg: ShowcaseConfig, used: set[str]
                      ) -> tuple[dict[str, dict[str, float]], list[list[Image.Image]]]:
     keys = memory_by_entity(bench, set(split.images))
     shares, rows = {}, []
@@ -137,6 +142,7 @@ def controlled_study(bench: Inference, split: Split, cfg: ShowcaseConfig
         cases, share = background_control(bench.use(v), keys, n_cases=max(cfg.images // 2, cfg.shown),
                                           samples=cfg.samples, seed=cfg.seed)
         shares[v] = share
+        used.update(k for c in cases for k in (c.entity_key, c.style_key))
         if v == "ra-cm3":
             rows = [[image_of(bench, c.entity_key), image_of(bench, c.style_key),
                      c.plain[0], c.steered[0]] for c in cases[: cfg.shown]]
@@ -152,13 +158,26 @@ def run_showcase(root: DataRoot, cfg: ShowcaseConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     res: dict[str, Any] = {"split": root.rel(split.path), "images": len(names), "box": box.__dict__,
                            "samples": cfg.samples, "k": cfg.k}
-    res["infill_box_token_match"], rows = infill_study(bench, split, names, cfg, box)
+    used: set[str] = set()
+    res["infill_box_token_match"], rows = infill_study(bench, split, names, cfg, box, used)
     montage(rows, ["image (tokens)", "masked", "RA-CM3", "vanilla"]).save(f"{cfg.out}/infill.png")
-    res["controlled_background_share"], rows = controlled_study(bench, split, cfg)
+    res["controlled_background_share"], rows = controlled_study(bench, split, cfg, used)
     if rows:
         montage(rows, ["entity doc", "style doc", "no style", "with style"]).save(f"{cfg.out}/controlled.png")
-    res["guidance"], rows = guidance_study(bench, split, names, cfg)
+    res["guidance"], rows = guidance_study(bench, split, names, cfg, used)
     montage(rows, [f"w={w:g}" for w in cfg.weights]).save(f"{cfg.out}/guidance.png")
+    write_sources(bench, res, sorted(used), cfg.out)
     with open(f"{cfg.out}/showcase.json", "w") as f:
         json.dump(res, f, indent=1)
+    record_used(bench.memory_at, "showcase", os.path.abspath(f"{cfg.out}/showcase.json"), sorted(used))
     return res
+
+
+def write_sources(bench: Inference, res: dict[str, Any], keys: list[str], out: str) -> None:
+    """The memory documents the pictures used, with their origins: into `res` and sources.html."""
+    rows = source_rows(bench.memory_at, keys)
+    res["documents"], res["memory"] = keys, bench.memory_at.uri
+    res["sources"] = [dict(zip(SOURCE_HEADER, r, strict=True)) for r in rows]
+    with open(f"{out}/sources.html", "w") as f:
+        f.write(render("racm3 showcase: sources", [], f"{len(keys)} memory documents used",
+                       sources=(SOURCE_HEADER, rows)))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.generation.guidance import Guidance, guided_images
+from pipelines.inference.guidance import Guidance, guided_images
 from pipelines.inference.loader import Inference
 from pipelines.inference.sampling import Sampling, caption_nll, generate_captions
 

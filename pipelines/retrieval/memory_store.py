@@ -220,6 +220,12 @@ def _npy_header(f: IO[bytes], shape: tuple[int, ...], dtype: Any) -> None:
             "shape": shape})
 
 
+def _write_chunks(f: IO[bytes], arr: np.ndarray, rows: int = 1 << 16) -> None:
+    """A mapped array's bytes, `rows` rows at a time (never the whole array in memory)."""
+    for s in range(0, len(arr), rows):
+        f.write(np.ascontiguousarray(arr[s:s + rows]).tobytes())
+
+
 class MemoryWriter:
     """Streams the store's files chunk by chunk (one embedding shard in memory at a time).
 
@@ -261,6 +267,25 @@ class MemoryWriter:
             f.write(ids[owner == p].tobytes())
         self.hashes[self.row:self.row + len(keys)] = key_hashes(keys)
         self.row += len(keys)
+
+    def copy(self, store: MemoryStore) -> None:
+        """Every row of a built store first, as stored: adding shards to an index keeps the old
+        rows' ids, so the extended store is what a rebuild over the same shards writes."""
+        if self.row:
+            raise RuntimeError("memory store: copy the old rows before adding new ones")
+        if store.emb.dtype != self.dtype:
+            raise ValueError(f"memory store: the built store holds {store.emb.dtype} embeddings, "
+                             f"the new shards {self.dtype}: rebuild the index (index.rebuild)")
+        for name, col in (("keys", store.key_col), ("captions", store.caption_col)):
+            _write_chunks(self.f[f"{name}.bin"], col.data)
+            _write_chunks(self.f[f"{name}-off.npy"], col.offsets[1:])
+            self.ends[name] = int(col.offsets[-1])
+        _write_chunks(self.f["sha256.npy"], store.sha256_col.raw)
+        _write_chunks(self.f["emb.npy"], store.emb)
+        for f, rows in zip(self.rows, store.part_rows, strict=True):
+            _write_chunks(f, rows)
+        self.row = len(store)
+        self.hashes[np.asarray(store.key_order)] = store.key_hash  # back in row order
 
     def close(self) -> None:
         if self.row != self.n:

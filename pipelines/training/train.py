@@ -8,7 +8,8 @@ in the checkpoint); the finished model is committed as `<root>/train/<name>.pt` 
 records the lineage (codebook, index, token digests). Every load is weights-only, and data-root
 files are reached only through fsspec (an object-store root trains in a local work dir, synced).
 
-GPU settings (checked in TrainConfig): precision bf16-mixed (auto on GPUs that have it);
+GPU settings (checked in TrainConfig): precision bf16-mixed (auto on GPUs that have it; on CPU
+opt-in, e.g. the demo preset);
 attention is torch SDPA, which takes the flash kernel for plain causal attention
 (train.block_mask=false) and the memory-efficient kernel with the block-diagonal mask;
 strategy ddp or fsdp (fsdp needs accelerator gpu); train.activation_checkpointing recomputes each
@@ -98,7 +99,10 @@ class TrainConfig(StageConfig, AssemblyConfig):
     beta2: float = 0.98  # Adam beta2
     grad_clip: float = 1.0  # gradient norm clipping
     holdout_fraction: float = 0.0  # documents (stable by key) never trained on, for held-out ppl
-    precision: str = "auto"  # Lightning precision; auto = bf16/fp16 mixed on GPU, fp32 on CPU
+    # Lightning precision; auto = bf16/fp16 mixed on GPU, 32-true on CPU. "bf16-mixed" on CPU is
+    # bf16 autocast (matmuls bf16 on AVX-512 bf16 / AMX, attention and weights float32): "32-true"
+    # turns it off. Checkpoints hold float32 weights either way.
+    precision: str = "auto"
     seed: int = 0  # model init and data order
     pin_codebook: str = ""  # refuse token shards from another codebook ("" = no pin)
     pin_index: str = ""  # refuse neighbour shards from another index ("" = no pin)
@@ -282,7 +286,7 @@ def resolve_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"  # bf16 autocast was slower than fp32 for the tiny demo model on CPU
+    return "32-true"  # CPU: bf16-mixed is opt-in (a CPU without AVX-512 bf16 / AMX emulates it)
 
 
 def loggers(workdir: str) -> list[Any]:
@@ -335,6 +339,7 @@ class TrainResult:
     last_losses: dict[str, float]
     resumed_from: int
     tokens_per_s: float  # sequence tokens (padding included) through the model per second
+    precision: str = "32-true"  # the Lightning precision the run used (auto resolved)
     global_zero: bool = True  # False on DDP ranks other than 0
 
 
@@ -386,6 +391,7 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
     return TrainResult(steps=trainer.global_step, seconds=seconds, seq_len=seq_len,
                        counts=stream.counts, lineage=dict(corpus.lineage), last_losses=losses,
                        resumed_from=start, tokens_per_s=tokens / max(seconds, 1e-9),
+                       precision=str(trainer.precision),
                        global_zero=trainer.is_global_zero)
 
 
@@ -480,6 +486,6 @@ def run_metrics(res: TrainResult, root: DataRoot, workdir: str,
             "main_docs": int(res.counts["main_docs"]),
             "retrieved_docs": int(res.counts["retrieved_docs"]),
             "pad_fraction": round(res.counts["pad_tokens"] / max(1, assembled), 4),
-            "tokens_per_s": round(res.tokens_per_s),
+            "tokens_per_s": round(res.tokens_per_s), "precision": res.precision,
             "checkpoints": root.rel(workdir),
             **{k: (v if math.isfinite(v) else None) for k, v in res.last_losses.items()}}

@@ -10,7 +10,9 @@ from pipelines.core.registry import load_config
 from pipelines.core.runner import run_stage
 from pipelines.demo.paths import metadata_path
 from storage.manifest import list_manifests
-from storage.provenance import provenance
+from storage.provenance import provenance, record_used, source_rows
+from storage.removal_audit import outputs_using_removed
+from storage.removals import append, entries
 
 
 def test_key_resolves_to_its_metadata_row_and_fetch(served, capsys):
@@ -38,3 +40,15 @@ def test_key_resolves_to_its_metadata_row_and_fetch(served, capsys):
     out = capsys.readouterr().out
     assert picks[1]["url"] in out and "license: cc-by-" in out
     assert main(["lineage", "--data-root", root.path, "999-000000000"]) == 2
+
+    # what the report and generation pages show, and the flag on an output that used a removed one
+    k0, k1 = picks[0]["key"], picks[1]["key"]
+    n1 = int(k1.split("-")[1])
+    rows = source_rows(root, [k1, "bogus"])
+    assert rows[0][:3] == [k1, meta["URL"][n1].as_py(), meta["TEXT"][n1].as_py()]
+    assert rows[0][3].startswith("20") and rows[0][4] == licences[n1]  # ISO fetch time, licence
+    assert rows[1] == ["bogus", "—", "—", "—", "—"]
+    record_used(root, "generate", "/pages/a.html", [k0, k1])
+    assert outputs_using_removed(root) == {}
+    append(root, entries("url", [picks[0]["url"]], "test", "by URL"))
+    assert outputs_using_removed(root) == {"generate:/pages/a.html": [k0]}  # resolved to its key

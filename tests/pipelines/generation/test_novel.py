@@ -64,3 +64,6 @@ def test_racm3_novel_builds_the_memory_and_evaluates_with_it(trained_root, tmp_p
     used = {k for rec in part["images"] for keys in rec["context"].values() for k in keys}
     assert used and used <= novel_keys
     assert set(metrics["context_same_entity"]) == {"caption_query", "image_query"}
+    table = trained_root.fs.read_text(trained_root.artifact("evaluate", "novel", "table.md"))
+    ppl = next(line for line in table.splitlines() if line.startswith("| image ppl"))
+    assert "RA-CM3 (novel memory)" in table and f"| {metrics['models']['ra-cm3']['image ppl']:.4g} |" in ppl

@@ -8,7 +8,7 @@ import torch
 from model.cm3.format import text_to_image_prompt
 from model.document import IMG_OPEN, IMG_SRC, Vocab
 from model.transformer import Transformer, TransformerConfig
-from pipelines.generation.guidance import Guidance, guidance_branches, guided_images
+from pipelines.inference.guidance import Guidance, guidance_branches, guided_images
 from pipelines.inference.sampling import generate_images
 from pipelines.training.sequences import AssemblyConfig, maybe_drop_caption
 
