@@ -247,7 +247,7 @@ def generated_index(sizes: list[int], base: int, dim: int, work: Path) -> None:
 
     from benchmarks.embed_shards import write_embed_shard
 
-    shard = 20_000
+    shard = min(20_000, base)  # a small --gen-vectors still gets whole shards (make bench: 4,000)
     print(f"\n[index on generated shards] {base:,} x {dim} float32 per 1x, shards of {shard:,}")
     rows = {}
     for s in sizes:

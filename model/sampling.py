@@ -11,7 +11,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-from model.transformer import Attention, Block, KVCache, Transformer, rotary
+from model.transformer import Attention, Block, KVCache, Rope, Transformer
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -114,9 +114,10 @@ def masked_forward(model: Transformer, ids: torch.Tensor, positions: torch.Tenso
     Each token may always see itself, so an all-padding row stays finite (its output is unused)."""
     mask = attention_mask(valid, ids.shape[1])  # (B, 1, T, S), built once for every layer
     x = model.embed(ids)  # (B, T, C)
+    angles = model.rope(positions)
     new_cache: KVCache = []
     for i, block in enumerate(cast(list[Block], list(model.blocks))):
-        a, kv = masked_attention(block.attn, block.ln1(x), positions, mask,
+        a, kv = masked_attention(block.attn, block.ln1(x), angles, mask,
                                  None if cache is None else cache[i])
         x = x + a
         x = x + block.mlp(block.ln2(x))
@@ -135,13 +136,12 @@ def attention_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | itself[None])[:, None]
 
 
-def masked_attention(attn: Attention, x: torch.Tensor, positions: torch.Tensor,
+def masked_attention(attn: Attention, x: torch.Tensor, angles: Rope,
                      mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`model.transformer.Attention.forward` with an explicit mask (attention dropout off: eval)."""
     B, T, C = x.shape
-    q, k, v = attn.qkv(x).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
-    q, k = rotary(q, positions, attn.base), rotary(k, positions, attn.base)  # (B, H, T, Dh)
+    q, k, v = attn.project(x, angles)
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

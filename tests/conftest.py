@@ -24,6 +24,20 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: the 2 shared cores stall OpenMP teams of two.
+
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def root(tmp_path) -> DataRoot:
     return DataRoot(str(tmp_path / "data"))
 

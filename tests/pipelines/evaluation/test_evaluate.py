@@ -51,12 +51,7 @@ def run_evaluation(root: DataRoot, cfg: EvaluateConfig) -> dict:
     return json.loads(open(root.artifact("evaluate", "main", "metrics.json")).read())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_coco(root: DataRoot, planted_jpg: bytes | None = None) -> None:

@@ -24,12 +24,7 @@ def train(root: DataRoot, cfg: TrainConfig, seen: L.Callback):
     return execute_shard(stage, root, cfg, stage.plan(root, cfg)[0])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Dtypes(L.Callback):

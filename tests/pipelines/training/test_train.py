@@ -44,13 +44,7 @@ FAST = dict(batch_size=4, seq_len=72, progress_bar=False, log_every=1, warmup_st
             accelerator="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared; one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
