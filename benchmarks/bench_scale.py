@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,15 @@ def run_child(stage: str, root: DataRoot, overrides: list[str], log: Path) -> tu
 def compute_seconds(root: DataRoot, stage: str) -> float:
     """Sum of the shards' compute time from their manifests (no interpreter start-up)."""
     return sum(m.timings.get("compute_s", 0.0) for m in list_manifests(root, stage))
+
+
+def shard_median(root: DataRoot, stage: str) -> float:
+    """Median over the stage's shards of compute seconds per input row: what one more shard
+    costs per document, free of the run's fixed costs (which make the marginal noisy when a
+    stage's whole work is a few seconds)."""
+    rates = [m.timings.get("compute_s", 0.0) / m.rows_in
+             for m in list_manifests(root, stage) if m.rows_in]
+    return statistics.median(rates) if rates else 0.0
 
 
 def write_clip(root: DataRoot) -> None:
@@ -176,7 +186,8 @@ def measure_size(size: int, entities: int, work: Path, fitted: DataRoot | None,
                 run_child("fit-vqgan", root, overrides, log)
             dt, rss = run_child(stage, root, overrides, log)
             rows.append({"stage": stage, "seconds": dt, "rss": rss,
-                         "compute": compute_seconds(root, stage)})
+                         "compute": compute_seconds(root, stage),
+                         "shard": shard_median(root, stage)})
             print(f"  x{size:<3} {stage:<9} {dt:7.1f} s  {rss / 2**20:7.0f} MiB", flush=True)
     docs = docs_of(root)
     if plugin is not None:
@@ -217,6 +228,9 @@ def print_table(sizes: list[int], docs: dict[int, int], table: dict[int, list[di
         if len(sizes) > 2:
             line += "; marginal wall " + marginal(rs, [docs[s] for s in sizes], "seconds")
             line += ", compute " + marginal(rs, [docs[s] for s in sizes], "compute")
+        if ra.get("shard") and rb.get("shard"):
+            mr = rb["shard"] / ra["shard"]
+            line += f"; median shard s/doc {mr:.2f}x {ok(mr)}"
         if st == "index":
             allowed = ra["rss"] + idx_bytes[sizes[-1]] - idx_bytes[sizes[0]]
             rr = rb["rss"] / allowed

@@ -95,9 +95,10 @@ def child_pack(root_uri: str) -> dict[str, Any]:
     from storage.manifest import list_manifests
 
     root, stage, cfg = DataRoot(root_uri), PackStage(), PackConfig()
+    resources = stage.load(cfg)  # once per run, as the driver does: the key index is built once
     for st in shard_states(stage, root, cfg):
         if st.state != "done":
-            execute_shard(stage, root, cfg, st.spec)
+            execute_shard(stage, root, cfg, st.spec, resources)
     compute = sum(m.timings.get("compute_s", 0.0) for m in list_manifests(root, "pack"))
     return {"compute_seconds": compute}
 

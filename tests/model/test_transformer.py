@@ -114,3 +114,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         logits.square().mean().backward()
         grads.append([p.grad.clone() for p in m.parameters()])
     assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads, strict=True))
+
+
+def test_rotate_is_rope_in_half_split_form():
+    """Channel pair (i, i + Dh/2) of every head of q and k turns by position x base^(-i / (Dh/2)):
+    the layout every checkpoint was trained with, checked against complex multiplication."""
+    from model.transformer import rope, rotate
+
+    torch.manual_seed(0)
+    B, T, H, Dh = 2, 5, 3, 8
+    x = torch.randn(B, T, 2, H, Dh)
+    pos = torch.randint(0, 40, (B, T))
+    got = rotate(x, rope(pos, Dh, 10000.0))
+    half = Dh // 2
+    theta = pos.double()[:, :, None, None, None] * 10000.0 ** (-torch.arange(half).double() / half)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+        torch.ones_like(theta), theta)
+    want = torch.cat([z.real, z.imag], dim=-1).float()
+    assert torch.allclose(got, want, atol=1e-5)
