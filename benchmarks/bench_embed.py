@@ -2,10 +2,13 @@
 
     python benchmarks/bench_embed.py [--docs 1000] [--shards 4] [--modes auto,multi_processing]
                                      [--batch-size 64] [--model racm3-tiny --checkpoint F]
+                                     [--repeats 2]
 
 Both sides encode the same download shard (decode JPEG, preprocess, encode_image, encode_text) with
 the same model, batch size and threads; the stage also reads/writes Parquet, mixes doc_emb, and
-runs inside a Beam DirectRunner pipeline. Throughput is (images + texts) / s; the ratio is
+runs the whole stage (plan, model load, shard contract, manifest) on its default runner (one
+shard: a thread of this process). Loop and stage alternate `--repeats` times, best of each (the
+first stage run also pays lazy imports). Throughput is (images + texts) / s; the ratio is
 stage / loop (goal >= 0.87).
 
 Then the same rows in `--shards` shards, the whole stage run on all cores (one DirectRunner worker
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="racm3-tiny")
     ap.add_argument("--checkpoint", default="", help="open_clip state dict (default: random init)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of loop and stage")
     ap.add_argument("--shards", type=int, default=4, help="shards of the all-cores runs")
     ap.add_argument("--modes", default="auto,multi_processing",
                     help="beam.direct_running_mode of each all-cores run ('' none)")
@@ -77,22 +81,25 @@ def main() -> None:
         cfgs = {"run": RunConfig(retries=0), "beam": BeamConfig(),
                 "embed": EmbedConfig(model=args.model, checkpoint=ckpt,
                                      batch_size=args.batch_size, threads=args.threads)}
-        base = plain_loop(args.model, ckpt, rows, args.batch_size)
-        t0 = time.perf_counter()
-        report = run_stage("embed", root, cfgs)
-        stage_wall = time.perf_counter() - t0
-        assert report.ok, report.failed
-        compute = read_manifest(root, "embed", "00000").timings["compute_s"]
-        base_again = plain_loop(args.model, ckpt, rows, args.batch_size)  # noise check
-        items = 2 * args.docs
-        loop = min(base, base_again)
+        bases, walls, computes = [], [], []
+        for r in range(args.repeats):  # alternate: load drift on a shared machine hits both alike
+            bases.append(plain_loop(args.model, ckpt, rows, args.batch_size))
+            t0 = time.perf_counter()
+            report = run_stage("embed", root, cfgs, force=r > 0)
+            walls.append(time.perf_counter() - t0)
+            assert report.ok, report.failed
+            computes.append(read_manifest(root, "embed", "00000").timings["compute_s"])
+        items, loop, best = 2 * args.docs, min(bases), walls.index(min(walls))
+        stage_wall, compute = walls[best], computes[best]
         print(f"embed {args.docs} docs ({args.model}, batch {args.batch_size}, {args.threads} "
               f"thread(s) per worker)")
-        print(f"  plain open_clip loop : {items / loop:8.1f} items/s ({base:.2f}s, again "
-              f"{base_again:.2f}s)")
+        print(f"  plain open_clip loop : {items / loop:8.1f} items/s (best of "
+              f"{', '.join(f'{b:.2f}' for b in bases)} s)")
         print(f"  stage, shard compute : {items / compute:8.1f} items/s ({compute:.2f}s)  "
               f"ratio {loop / compute:.2f}x")
-        print(f"  stage, whole Beam run: {items / stage_wall:8.1f} items/s ({stage_wall:.2f}s)  "
+        print(f"  stage, whole run     : {items / stage_wall:8.1f} items/s (best of "
+              f"{', '.join(f'{w:.2f}' for w in walls)} s; its compute {compute:.2f} s = "
+              f"{compute / stage_wall:.2f}x of the whole run)  "
               f"ratio {loop / stage_wall:.2f}x  (goal >= 0.87)", flush=True)
         many, per = DataRoot(f"{tmp}/many"), args.docs // args.shards
         for i in range(args.shards):  # the same number of documents in several shards
