@@ -387,7 +387,8 @@ def train(root: DataRoot, cfg: TrainConfig, workdir: str, out_path: str | None =
     sync.finish()
     seconds = time.time() - t0
     losses = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    tokens = (trainer.global_step - start) * cfg.batch_size * seq_len
+    # every rank trains on its own batch_size sequences per step
+    tokens = (trainer.global_step - start) * cfg.batch_size * seq_len * trainer.world_size
     return TrainResult(steps=trainer.global_step, seconds=seconds, seq_len=seq_len,
                        counts=stream.counts, lineage=dict(corpus.lineage), last_losses=losses,
                        resumed_from=start, tokens_per_s=tokens / max(seconds, 1e-9),

@@ -80,6 +80,8 @@ def test_ddp_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     m = read_manifest(root, "train", "ra-cm3")
     assert m is not None and m.metrics["steps"] == STEPS  # rank 0 committed, rank 1 did not fail
+    tokens = m.metrics["tokens_per_s"] * m.metrics["train_seconds"]  # both ranks' sequences
+    assert abs(tokens / (STEPS * cfg.batch_size * 2 * m.metrics["seq_len"]) - 1) < 0.05, tokens
     ranks = [read_records(f"{rec}.rank{r}") for r in range(2)]
     assert all(sorted(r) == list(range(STEPS)) for r in ranks)
     first = [set(k for seq in ranks[r][0]["keys"] for k in seq) for r in range(2)]
