@@ -1,11 +1,12 @@
 """Training settings side by side through the real train stage (Lightning, the packed store):
 tokens/s and the loss curve of each against the default (one process, torch's threads, fp32).
 
-    python benchmarks/bench_train_settings.py --data-root ROOT [--steps 60] [--batch-size 32]
-        [--settings default,bf16,ddp2x1,ddp2x1-bf16]
+    python benchmarks/bench_train_settings.py [--data-root ROOT | --docs 4000] [--steps 60]
+        [--batch-size 32] [--settings default,bf16,ddp2x1,ddp2x1-bf16]
 
 ROOT is a demo data root after `pack` (the demo's own, e.g. `data/`); it is copied to a scratch
-folder, never written. Every setting trains `--steps` optimizer steps of the same global batch
+folder, never written. Without it, demo-shaped token and neighbour shards are generated and packed
+(random tokens: the speed is the demo's, the loss curve is not). Every setting trains `--steps` optimizer steps of the same global batch
 (`--batch-size` sequences: under DDP each of the 2 ranks takes half) in its own child process
 (`execute_shard` of the train stage, as `racm3 run train` does), with a callback that records each
 step's loss (under DDP the mean of the ranks' losses, i.e. the global batch's). Printed per
@@ -118,6 +119,18 @@ def run(root: str, name: str, setting: dict[str, Any], args: argparse.Namespace,
             "precision": m.metrics.get("precision"), "load": os.getloadavg()[0]}
 
 
+def generated_root(root: str, docs: int) -> None:
+    """Demo-shaped token and neighbour shards (benchmarks/scale_training.py), packed."""
+    from benchmarks.scale_training import generate
+    from pipelines.core.runconfig import RunConfig
+    from pipelines.core.runner import run_stage
+    from pipelines.training.pack import PackConfig
+    from storage.fs import DataRoot
+
+    generate(root, docs)
+    assert run_stage("pack", DataRoot(root), {"pack": PackConfig(), "run": RunConfig()}).ok
+
+
 def diff(a: list[float], b: list[float]) -> float:
     n = min(len(a), len(b))
     return statistics.mean(abs(x - y) for x, y in zip(a[:n], b[:n], strict=True))
@@ -128,7 +141,9 @@ def main() -> None:
         child(sys.argv[2], json.loads(sys.argv[3]), sys.argv[4])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--data-root", required=True, help="a demo data root after pack")
+    ap.add_argument("--data-root", default="",
+                    help="a demo data root after pack (default: generated demo-shaped shards)")
+    ap.add_argument("--docs", type=int, default=4000, help="generated documents (no --data-root)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=32, help="global batch (sequences)")
     ap.add_argument("--settings", default=",".join(SETTINGS))
@@ -139,8 +154,12 @@ def main() -> None:
         ap.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="racm3-train-settings-") as tmp:
         root, work = os.path.join(tmp, "root"), Path(tmp)
-        src = Path(args.data_root)
-        shutil.copytree(src, root, ignore=shutil.ignore_patterns("train", "evaluate*", "ablate*"))
+        if args.data_root:
+            src = Path(args.data_root)
+            shutil.copytree(src, root, ignore=shutil.ignore_patterns("train", "evaluate*", "ablate*"))
+        else:
+            src = Path(f"generated ({args.docs:,} documents)")
+            generated_root(root, args.docs)
         print(f"[train settings] {args.steps} steps, global batch {args.batch_size}, data "
               f"{src}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
         res = {}

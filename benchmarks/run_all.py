@@ -34,6 +34,7 @@ SMALL: dict[str, list[str]] = {  # script -> arguments for the quick run
     "bench_scale.py": ["--entities", "40", "--sizes", "1,2", "--gen-vectors", "4000"],
     "bench_tokenize.py": ["--images", "64", "--repeats", "1"],
     "bench_train.py": ["--steps", "4", "--repeats", "1"],
+    "bench_train_settings.py": ["--steps", "4", "--docs", "600", "--settings", "default,ddp2x1-bf16"],
 }
 RATIO = re.compile(r"\d\.\d+\s*x|\d+(\.\d+)?%|goal|MFU|/s\b", re.IGNORECASE)
 
