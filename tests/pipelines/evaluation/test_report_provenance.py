@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from flows.cli import main
 from pipelines.core.stage import ShardResult, ShardSpec, Stage, execute_shard
 from pipelines.evaluation.report import decontamination_section
@@ -14,10 +16,11 @@ from storage.removal_audit import outputs_using_removed
 from storage.removals import append, entries
 from tests.pipelines.evaluation.test_evaluate import (  # noqa: F401  (the module's fixtures)
     EVAL,
-    one_thread,
     run_evaluation,
     trained,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_report_lists_sources_and_flags_an_evaluation_that_used_a_removed_document(trained, capsys):  # noqa: F811
