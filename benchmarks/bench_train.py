@@ -37,6 +37,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 from benchmarks.dict_source import DictSource as Corpus
 from model.document import Vocab
 from model.transformer import Transformer, preset
+from pipelines.training.objective import lr_lambda, sequence_losses
 from pipelines.training.sequences import (
     AssemblyConfig,
     SequenceStream,
@@ -44,7 +45,7 @@ from pipelines.training.sequences import (
     longest_unit,
 )
 from pipelines.training.token_store import open_store
-from pipelines.training.train import CM3Module, TrainConfig, lr_lambda, sequence_losses
+from pipelines.training.train import CM3Module, TrainConfig
 from storage.fs import DataRoot
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from typing import Any
 
 DEFAULT_ROOT = "data"
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -57,18 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     data_root_arg(p)
     config_args(p)
 
-    p = sub.add_parser("inspect", help="SQL (DuckDB) over every stage's shards and `manifests`")
-    data_root_arg(p)
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("sql", nargs="?", help="a query; without one, list the views")
-
-    p = sub.add_parser("lineage", help="ancestry of a shard or artifact, back to the metadata rows")
-    data_root_arg(p)
-    p.add_argument("path", help="path of a shard/artifact, relative to the data root or absolute, "
-                               "or a document key (NNN-NNNNNNNNN): its URL, caption, licence, "
-                               "metadata row and fetch, or a generated sample / page (its folder's "
-                               "result.json or showcase.json): the documents it used")
-
     p = sub.add_parser("decode", help="write a document's image and its VQGAN reconstruction to a PNG")
     p.add_argument("key", help="document key (see `racm3 inspect \"select key from tokenize\"`)")
     data_root_arg(p)
@@ -89,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live in their own modules: each has `add_parser(sub)` (adds one or more
 # subparsers, each with `set_defaults(run=...)`) and keeps its imports inside `run`.
-PLUGINS: tuple[str, ...] = ("flows.generate_cli", "flows.ablate", "flows.remove_cli", "flows.export_cli",
+PLUGINS: tuple[str, ...] = ("flows.inspect_cli", "flows.generate_cli", "flows.ablate", "flows.remove_cli", "flows.export_cli",
                             "flows.search_cli", "flows.novel_cli")
 
 
@@ -268,136 +254,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if findings or left else 0
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from storage.fs import DataRoot
-    from storage.views import connect, views
-
-    root = DataRoot(args.data_root)
-    if not args.sql:
-        print("views: " + ", ".join(views(root)))
-        return 0
-    con = connect(root)
-    import duckdb
-
-    try:
-        rel = con.sql(args.sql)
-    except duckdb.Error as e:
-        print(f"racm3: error: {e}\nviews: {', '.join(views(root))}", file=sys.stderr)
-        return EXIT_USAGE
-    if rel is None:
-        return 0
-    print(format_rows(rel.columns, rel.fetchall(), args.format))
-    return 0
-
-
-def format_rows(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=_json_default,
-                          indent=1)
-    if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(columns)
-        w.writerows([[_cell(v) for v in r] for r in rows])
-        return buf.getvalue().rstrip("\n")
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table()
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*(_cell(v) for v in r))
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(t)
-    return console.export_text().rstrip("\n")
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, bytes | bytearray):
-        return f"<{len(v)} bytes>"
-    return "" if v is None else str(v)
-
-
-def _json_default(v: Any) -> Any:
-    return f"<{len(v)} bytes>" if isinstance(v, bytes | bytearray) else str(v)
-
-
-def cmd_lineage(args: argparse.Namespace) -> int:
-    from storage.fs import DataRoot
-    from storage.lineage import render, walk
-
-    root = DataRoot(args.data_root)
-    if KEY_RE.match(args.path):  # a document key: where it came from
-        return print_provenance(root, args.path)
-    node = walk(root, args.path)
-    if node.manifest is None:
-        if (rc := print_output_sources(root, args.path)) is not None:
-            return rc
-        print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    print("\n".join(render(node)))
-    from storage.removal_audit import outputs_using_removed
-
-    m = node.manifest
-    if (keys := outputs_using_removed(root).get(f"{m.stage}/{m.shard_id}")):
-        print(f"FLAGGED: {m.stage}/{m.shard_id} used {len(keys)} removed document(s): "
-              f"{', '.join(keys)}")
-    return 0
-
-
-def print_output_sources(root: Any, path: str) -> int | None:
-    """A generated sample or page (a folder with result.json, or showcase.json): the memory
-    documents it used, each back to its metadata row, removed ones flagged; None if it is not one."""
-    import json
-    import os
-
-    from storage.fs import DataRoot
-    from storage.removal_audit import removed_keys
-
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    record = next((os.path.join(folder, n) for n in ("result.json", "showcase.json")
-                   if os.path.exists(os.path.join(folder, n))), None)
-    if record is None:
-        return None
-    with open(record) as f:
-        rec = json.load(f)
-    memory = DataRoot(rec["memory"]) if rec.get("memory") else root
-    keys = list(rec.get("documents", []))
-    removed = removed_keys(memory) & set(keys)
-    print(f"{path}: made from {len(keys)} memory document(s) of {memory.uri} ({record})")
-    for key in keys:
-        if key in removed:
-            print(f"FLAGGED: {key} has been removed")
-        print_provenance(memory, key, missing_ok=True)
-    return 0
-
-
-KEY_RE = __import__("re").compile(r"^\d{3}-\d{9}$")
-
-
-def print_provenance(root: Any, key: str, missing_ok: bool = False) -> int:
-    import datetime
-
-    from storage.provenance import provenance
-
-    p = provenance(root, [key]).get(key)
-    if p is None:
-        print(f"{'' if missing_ok else 'racm3: error: '}no filter shard covers document {key}",
-              file=sys.stdout if missing_ok else sys.stderr)
-        return 0 if missing_ok else EXIT_USAGE
-    when = (datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
-            if p.fetched_at else "not downloaded")
-    print(f"document {key}\n  url: {p.url}\n  caption: {p.caption}\n  license: {p.license}\n"
-          f"  metadata: {p.metadata_file} row {p.metadata_row}\n  filter shard: {p.filter_shard}"
-          f"\n  download shard: {p.download_shard or '-'} (fetched {when})")
-    return 0
-
-
 def cmd_decode(args: argparse.Namespace) -> int:
     from pipelines.core.registry import load_config
     from pipelines.tokens.tokenize import decode_key
@@ -440,8 +296,7 @@ def cmd_recall(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "status": cmd_status, "verify": cmd_verify,
-            "inspect": cmd_inspect,
-            "lineage": cmd_lineage, "decode": cmd_decode, "recall": cmd_recall,
+            "decode": cmd_decode, "recall": cmd_recall,
             "deployments": cmd_deployments}
 
 if __name__ == "__main__":

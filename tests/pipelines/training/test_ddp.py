@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from model.transformer import preset
+from pipelines.training.objective import lr_lambda, sequence_losses
 from pipelines.training.sequences import SequenceStream, collate, reader_order
 from pipelines.training.token_store import open_store
-from pipelines.training.train import CM3Module, TrainConfig, lr_lambda, sequence_losses
+from pipelines.training.train import CM3Module, TrainConfig
 from storage.fs import DataRoot
 from storage.manifest import read_manifest
 from tests.pipelines.training.corpus_factory import make_corpus

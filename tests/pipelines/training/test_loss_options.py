@@ -8,9 +8,10 @@ import torch
 
 from model.transformer import Transformer, TransformerConfig
 from pipelines.core.config import ConfigError
+from pipelines.training.objective import chunked_nll, sequence_losses
 from pipelines.training.sequences import AssemblyConfig, SequenceStream, collate
 from pipelines.training.token_store import open_store
-from pipelines.training.train import TrainConfig, chunked_nll, sequence_losses
+from pipelines.training.train import TrainConfig
 from storage.fs import DataRoot
 from tests.pipelines.training.corpus_factory import make_corpus
 

@@ -10,7 +10,8 @@ from model.transformer import attend
 from pipelines.core.config import ConfigError
 from pipelines.core.stage import execute_shard
 from pipelines.training.checkpoints import load_trained
-from pipelines.training.train import TrainConfig, TrainStage, sequence_losses
+from pipelines.training.objective import sequence_losses
+from pipelines.training.train import TrainConfig, TrainStage
 from storage.fs import DataRoot
 from tests.pipelines.training.corpus_factory import make_corpus
 from tests.pipelines.training.test_train import batch_from
