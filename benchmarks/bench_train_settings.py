@@ -17,7 +17,8 @@ the seed noise (the default with seed + 1). Settings:
 - `default`: one process, `train.threads` 0 (torch's default: one per core), precision 32-true;
 - `bf16`: the same with `train.precision = bf16-mixed`;
 - `ddp2x1`: `train.strategy = ddp`, 2 CPU processes (gloo) of 1 thread each, batch halved per rank;
-- `ddp2x1-bf16`: both.
+- `ddp2x1-bf16`: both;
+- `jemalloc`, `tcmalloc`: the default with that allocator in LD_PRELOAD (skipped if not installed).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "ddp2x1": {"strategy": "ddp", "devices": "2", "accelerator": "cpu", "threads": 1},
     "ddp2x1-bf16": {"strategy": "ddp", "devices": "2", "accelerator": "cpu", "threads": 1,
                     "precision": "bf16-mixed"},
+    # the default with another malloc preloaded (Debian: libjemalloc2, libtcmalloc-minimal4)
+    "jemalloc": {"_preload": "jemalloc"},
+    "tcmalloc": {"_preload": "tcmalloc_minimal"},
 }
 
 
@@ -96,9 +100,12 @@ def run(root: str, name: str, setting: dict[str, Any], args: argparse.Namespace,
     params = {"variant": "ra-cm3", "name": f"bench-{name}-s{seed}", "seed": seed,
               "max_steps": args.steps, "warmup_steps": max(1, args.steps // 10),
               "batch_size": args.batch_size // world, "progress_bar": False,
-              "checkpoint_every": 10 ** 6, **{k: v for k, v in setting.items()}}
+              "checkpoint_every": 10 ** 6,
+              **{k: v for k, v in setting.items() if not k.startswith("_")}}
     record = str(work / f"{params['name']}.jsonl")
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    if "_preload" in setting:
+        env["LD_PRELOAD"] = preload(setting["_preload"])
     if world > 1:
         env["OMP_NUM_THREADS"] = "1"
     t0 = time.perf_counter()
@@ -129,6 +136,13 @@ def generated_root(root: str, docs: int) -> None:
 
     generate(root, docs)
     assert run_stage("pack", DataRoot(root), {"pack": PackConfig(), "run": RunConfig()}).ok
+
+
+def preload(lib: str) -> str:
+    """The shared library's path for LD_PRELOAD, or '' when it is not installed."""
+    import ctypes.util
+
+    return ctypes.util.find_library(lib) or ""
 
 
 def diff(a: list[float], b: list[float]) -> float:
@@ -164,6 +178,9 @@ def main() -> None:
               f"{src}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
         res = {}
         for name in ["default", *[n for n in names if n != "default"]]:
+            if "_preload" in SETTINGS[name] and not preload(SETTINGS[name]["_preload"]):
+                print(f"  {name:<12} skipped: lib{SETTINGS[name]['_preload']} is not installed")
+                continue
             res[name] = run(root, name, SETTINGS[name], args, work)
             r = res[name]
             print(f"  {name:<12} {r['tokens_per_s']:8.0f} tokens/s whole run, {r['steady']:8.0f} "
