@@ -116,10 +116,25 @@ class ManifestWatch:
 
     def _watch(self) -> None:
         while not self.stop.wait(self.POLL_S):
-            for sid in list(self.left):
+            for sid in self._listed():
                 m = read_manifest(self.job.root, self.job.stage.name, sid)
                 if m is not None and m.created_at >= self.t0:
                     self._report(sid, m, None)
+
+    def _listed(self) -> list[str]:
+        """Pending shards whose manifest file exists: one listing of the stage's folder per poll
+        (one LIST request on an object store), not one read per pending shard (thousands of
+        requests every POLL_S on a large stage). The listing cache is dropped first: the
+        manifests are written by other processes."""
+        with self.lock:
+            left = set(self.left)
+        if not left:
+            return []
+        root, stage = self.job.root, self.job.stage.name
+        root.fs.invalidate_cache(root.join(stage))
+        present = {p.rsplit("/", 1)[1].removesuffix(".manifest.json")
+                   for p in root.glob(f"{stage}/*.manifest.json")}
+        return sorted(left & present)
 
     def _report(self, sid: str, m: Manifest | None, error: str | None) -> None:
         with self.lock:

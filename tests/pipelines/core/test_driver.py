@@ -92,3 +92,39 @@ def test_beam_path_applies_the_same_policy_and_reports_progress_per_shard(root, 
     attempts = {s: len((tmp_path / f"{s}.attempts").read_text().split()) for s in ("000", "003")}
     assert "ShardTimeout" in report.failed["003"] and attempts == {"000": 2, "003": 1}
     assert stamps[-1][0] - stamps[0][0] > 3  # shards reported as they committed, not at the end
+
+
+def test_manifest_watch_lists_the_stage_once_per_poll_and_reads_only_new_manifests(root, monkeypatch):
+    """Shards run by other processes are found by one listing per poll: with 300 pending shards
+    and 2 committed, a poll opens 2 manifests, not 300 (thousands of requests on S3)."""
+    from pipelines.core.driver import Job, ManifestWatch
+    from pipelines.core.runconfig import BeamConfig
+    from pipelines.core.stage import execute_shard
+    from tests.pipelines.core.toy_stage import ToyConfig
+
+    cfg = ToyConfig(shards=300, sleep_s=0.0)
+    stage = ToyStage()
+    specs = stage.plan(root, cfg)
+    heard: list[str] = []
+    job = Job(stage, root, cfg, RunConfig(), BeamConfig(), root.owner)
+    monkeypatch.setattr(ManifestWatch, "POLL_S", 0.2)
+    opened: list[str] = []
+    real_open = root.fs.open
+
+    def counting_open(path, *a, **k):
+        opened.append(str(path))
+        return real_open(path, *a, **k)
+
+    with ManifestWatch(job, specs, lambda spec, m, err: heard.append(spec.shard_id)) as watch:
+        for spec in specs[:2]:  # as a Beam worker would: a manifest appears in the data root
+            execute_shard(stage, root, cfg, spec)
+        monkeypatch.setattr(root.fs, "open", counting_open)
+        deadline = time.monotonic() + 10
+        while len(heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few more polls with nothing new
+        monkeypatch.setattr(root.fs, "open", real_open)
+        assert sorted(heard) == ["000", "001"]
+        assert {p.rsplit("/", 1)[1] for p in opened} <= {"000.manifest.json", "001.manifest.json"}
+        watch.finish({s.shard_id: "not run" for s in specs[2:]})
+    assert len(heard) == 300
