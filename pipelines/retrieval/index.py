@@ -27,7 +27,14 @@ from pipelines.retrieval.faiss_index import (
     read_index_file,
     set_search_params,
 )
-from pipelines.retrieval.index_add import AddPlan, add_plan, add_to_parts, added_metrics, drift
+from pipelines.retrieval.index_add import (
+    AddPlan,
+    add_plan,
+    add_to_parts,
+    added_metrics,
+    drift,
+    iso_utc,
+)
 from pipelines.retrieval.index_build import (
     add_shards,
     choose_factory,
@@ -286,12 +293,7 @@ def build(ctx: ShardContext, cfg: IndexConfig, encoder: dict[str, Any], paths: l
     else:
         sizes = build_parts(ctx.root, paths, blob, part_rows, outs, cfg)
     built = time.time() - t0
-    # Read back to check it (memory-mapped: no copy on a local root); a Flat index on an
-    # object store is not downloaded again just for that.
-    local_or_trained = ctx.root.is_local or factory != "Flat"
-    searched = reopen(ctx.root, outs, rows, factory) if local_or_trained else None
-    if searched is not None and searched.ntotal != n:
-        raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
+    searched = checked(ctx.root, outs, rows, factory, n)
     metrics = {"encoder": encoder, "dim": d, "ntotal": n, "factory": factory,
                "factory_from": "index.factory" if cfg.factory else "index.max_memory",
                "parts": cfg.shards, "part_rows": part_rows,
@@ -300,7 +302,7 @@ def build(ctx: ShardContext, cfg: IndexConfig, encoder: dict[str, Any], paths: l
                "build_seconds": round(built, 2), "gpu": gpu,
                "search_params": {} if searched is None else set_search_params(
                    searched, cfg.nprobe, cfg.ef_search),
-               "built": "trained", "trained_rows": n, "trained_at": now(), "added": [],
+               "built": "trained", "trained_rows": n, "trained_at": iso_utc(), "added": [],
                "retrain_due": False}
     if searched is not None and factory != "Flat":
         metrics["recall@10_vs_exact"] = recall_vs_exact(searched, ctx.root, paths, counts,
@@ -321,10 +323,7 @@ def add(ctx: ShardContext, cfg: IndexConfig, plan: AddPlan, paths: list[str], co
     outs = [ctx.output_path(s) for s in part_suffixes(cfg.shards)]
     sizes = add_to_parts(ctx.root, plan, paths[plan.known:], outs, new_rows)
     seconds = time.time() - t0
-    searched = reopen(ctx.root, outs, rows, factory) if ctx.root.is_local or factory != "Flat" \
-        else None
-    if searched is not None and searched.ntotal != n:
-        raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
+    searched = checked(ctx.root, outs, rows, factory, n)
     recall = None
     if searched is not None and factory != "Flat":  # Flat search is exact: nothing drifts
         set_search_params(searched, cfg.nprobe, cfg.ef_search)
@@ -342,8 +341,15 @@ def add(ctx: ShardContext, cfg: IndexConfig, plan: AddPlan, paths: list[str], co
     return ShardResult(rows_in=n, rows_out=n, metrics=metrics)
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def checked(root: DataRoot, outs: list[str], rows: list[str], factory: str, n: int) -> Any:
+    """The written index read back (memory-mapped: no copy on a local root) and checked to hold
+    `n` vectors; None for a Flat index on an object store (not downloaded again just for that)."""
+    if not (root.is_local or factory != "Flat"):
+        return None
+    searched = reopen(root, outs, rows, factory)
+    if searched.ntotal != n:
+        raise RuntimeError(f"the index holds {searched.ntotal} vectors, the shards {n}")
+    return searched
 
 
 def reopen(root: DataRoot, outs: list[str], rows: list[str], factory: str) -> Any:

@@ -97,10 +97,10 @@ def added_metrics(plan: AddPlan, inputs: Sequence[InputRef], rows: int, recall: 
     baseline = float(old.get("recall@10_vs_exact", 1.0))
     due = recall is not None and recall < threshold * baseline
     entry = {"shards": [i.shard_id for i in inputs[plan.known:]], "rows": rows,
-             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "at": iso_utc(),
              "recall@10_new_vs_exact": recall}
     return {"built": "added", "trained_rows": int(old.get("trained_rows", old["ntotal"])),
-            "trained_at": old.get("trained_at", _iso(plan.built.created_at)),
+            "trained_at": old.get("trained_at", iso_utc(plan.built.created_at)),
             "train_vectors": old.get("train_vectors", 0),
             "added": [*old.get("added", []), entry],
             "drift": {"recall@10_new_vs_exact": recall, "recall@10_at_training": baseline,
@@ -109,5 +109,6 @@ def added_metrics(plan: AddPlan, inputs: Sequence[InputRef], rows: int, recall: 
             "retrain_due": bool(due or old.get("retrain_due", False))}
 
 
-def _iso(t: float) -> str:
+def iso_utc(t: float | None = None) -> str:
+    """`t` (default now) as an ISO 8601 UTC timestamp, as the index manifest records them."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
