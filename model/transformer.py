@@ -55,8 +55,8 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, 1, 1, Dh / 2
 
 
 def rope(positions: torch.Tensor, head_dim: int, base: float) -> Rope:
-    """The rotary angles' (cos, sin) for positions (B, T): computed once per forward, shared by
-    every layer (per layer they were ~15% of a CPU training step)."""
+    """The rotary angles' (cos, sin) for positions (B, T): computed once per forward and shared
+    by every layer."""
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.float()[:, :, None, None, None] * inv_freq  # (B, T, 1, 1, half)
@@ -84,7 +84,7 @@ def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.n_head, self.base, self.dropout = cfg.n_head, cfg.rope_base, cfg.dropout
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
