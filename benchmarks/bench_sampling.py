@@ -25,7 +25,7 @@ from model.cm3.format import text_to_image_prompt  # noqa: E402
 from model.document import Vocab  # noqa: E402
 from model.sampling import guide, pick, sample  # noqa: E402
 from model.transformer import Transformer, preset  # noqa: E402
-from pipelines.generation.guidance import Guidance, guided_images  # noqa: E402
+from pipelines.inference.guidance import Guidance, guided_images  # noqa: E402
 from pipelines.inference.sampling import Sampling, generate_captions, generate_images  # noqa: E402
 
 

@@ -10,18 +10,12 @@ import re
 import sys
 from typing import Any
 
+from flows.cli import EXIT_USAGE, data_root_arg  # light: flows.cli loads its plugins lazily
+
 KEY_RE = re.compile(r"^\d{3}-\d{9}$")
 
 
-def usage_error() -> int:
-    from flows.cli import EXIT_USAGE
-
-    return EXIT_USAGE
-
-
 def add_parser(sub: Any) -> None:
-    from flows.cli import data_root_arg
-
     p = sub.add_parser("inspect", help="SQL (DuckDB) over every stage's shards and `manifests`")
     data_root_arg(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -52,7 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         rel = con.sql(args.sql)
     except duckdb.Error as e:
         print(f"racm3: error: {e}\nviews: {', '.join(views(root))}", file=sys.stderr)
-        return usage_error()
+        return EXIT_USAGE
     if rel is None:
         return 0
     print(format_rows(rel.columns, rel.fetchall(), args.format))
@@ -108,7 +102,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             return rc
         print(f"racm3: error: no manifest lists {args.path} as an output under {args.data_root}",
               file=sys.stderr)
-        return usage_error()
+        return EXIT_USAGE
     print("\n".join(render(node)))
     from storage.removal_audit import outputs_using_removed
 
@@ -122,9 +116,6 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def print_output_sources(root: Any, path: str) -> int | None:
     """A generated sample or page (a folder with result.json, or showcase.json): the memory
     documents it used, each back to its metadata row, removed ones flagged; None if it is not one."""
-    import json
-    import os
-
     from storage.fs import DataRoot
     from storage.removal_audit import removed_keys
 
@@ -147,18 +138,14 @@ def print_output_sources(root: Any, path: str) -> int | None:
 
 
 def print_provenance(root: Any, key: str, missing_ok: bool = False) -> int:
-    import datetime
-
-    from storage.provenance import provenance
+    from storage.provenance import fetched, provenance
 
     p = provenance(root, [key]).get(key)
     if p is None:
         print(f"{'' if missing_ok else 'racm3: error: '}no filter shard covers document {key}",
               file=sys.stdout if missing_ok else sys.stderr)
-        return 0 if missing_ok else usage_error()
-    when = (datetime.datetime.fromtimestamp(p.fetched_at, datetime.UTC).isoformat(timespec="seconds")
-            if p.fetched_at else "not downloaded")
+        return 0 if missing_ok else EXIT_USAGE
     print(f"document {key}\n  url: {p.url}\n  caption: {p.caption}\n  license: {p.license}\n"
           f"  metadata: {p.metadata_file} row {p.metadata_row}\n  filter shard: {p.filter_shard}"
-          f"\n  download shard: {p.download_shard or '-'} (fetched {when})")
+          f"\n  download shard: {p.download_shard or '-'} (fetched {fetched(p)})")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.ablation.variants import Variant
-from pipelines.evaluation.report import cell, md_table
+from pipelines.evaluation.report import cell, difference_cell, md_table
 
 MODELS = (("ra-cm3", "RA-CM3"), ("vanilla", "vanilla"))
 
@@ -29,10 +29,9 @@ def guidance_markdown(variants: list[Variant], evaluations: dict[str, dict[str, 
     rows = []
     for v in done:
         m = evaluations[v.name]
-        diff = (m.get("differences") or {}).get("ra-cm3 - vanilla", {}).get("CLIP-score")
         rows.append([f"{v.evaluate['guidance']:g}"] + [cell(m, model, n) for n in names
                                                        for model, _ in MODELS]
-                    + [f"{diff['value']:.4g} [{diff['lo']:.4g}, {diff['hi']:.4g}]" if diff else "—"])
+                    + [difference_cell(m, "ra-cm3 - vanilla", "CLIP-score", star=False)])
     return "\n".join([
         "## Guidance as trained for", "",
         "Both models trained with `train.caption_dropout = 0.1` (checkpoints `guidance-w0`, "

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipelines.ablation.seeds import fmt_cell, metric_key, over_seeds
 from pipelines.evaluation.metrics import CAPTION_ENTITY
-from pipelines.evaluation.report import cell, md_table
+from pipelines.evaluation.report import cell, difference_cell, md_table
 
 METRICS = (("image ppl", "image ppl ↓"), ("KID", "KID ↓"), ("FID", "FID-type ↓"),
            ("CLIP-score", "CLIP score ↑"), ("CIDEr-D", "CIDEr-D ↑"),
@@ -19,13 +19,6 @@ HEADER = ["metric", "RA-CM3 (novel memory)", "vanilla CM3", "retrieval baseline 
           "RA − vanilla [95%]", "RA − baseline [95%]"]
 NOTE = ("Novel entities: no training document shows them; RA-CM3 and the retrieval baseline "
         "retrieve from a second memory built with the trained CLIP, VQGAN and BPE (`racm3 novel`).")
-
-
-def difference_cell(metrics: dict[str, Any], pair: str, key: str | None) -> str:
-    d = (metrics.get("differences") or {}).get(pair, {}).get(key or "")
-    if not d:
-        return "—"
-    return f"{d['value']:.4g} [{d['lo']:.4g}, {d['hi']:.4g}]" + (" *" if d.get("separates") else "")
 
 
 def novel_markdown(metrics: dict[str, Any]) -> str:

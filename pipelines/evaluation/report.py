@@ -175,6 +175,17 @@ def cell(metrics: dict[str, Any], model: str, name: str) -> str:
     return f"{v} [{fmt(iv[0])}, {fmt(iv[1])}]" if iv else v
 
 
+def difference_cell(metrics: dict[str, Any], pair: str, name: str | None,
+                    star: bool = True) -> str:
+    """A paired difference as `value [lo, hi]` (with `star`, " *" when the interval excludes
+    0), '—' when absent."""
+    d = (metrics.get("differences") or {}).get(pair, {}).get(name or "")
+    if not d:
+        return "—"
+    return f"{d['value']:.4g} [{d['lo']:.4g}, {d['hi']:.4g}]" + (
+        " *" if star and d.get("separates") else "")
+
+
 def difference_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """Paired differences (same resampled images) with their intervals."""
     diffs = metrics.get("differences") or {}
